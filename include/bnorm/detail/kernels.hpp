@@ -1,0 +1,513 @@
+#pragma once
+// The kernel core, in the three steps every normalization is made of:
+//
+//   1. per-block reductions (moments of x, or the two gradient sums), each block fixed by the
+//      shape alone and reduced in double with SIMD;
+//   2. their merge per channel, in a fixed order (Chan's formula for moments, plain sums for
+//      gradients), which turns into per-channel coefficients;
+//   3. an elementwise pass that applies the coefficients (normalize, or the input gradient).
+//
+// Because blocks never depend on the thread count and are merged in block order, results are
+// bit-identical for any number of threads. Keeping the steps apart is what lets statistics be
+// merged across processes (SyncBatchNorm) or over other axes (GroupNorm, LayerNorm) later.
+//
+// The tensor is seen as x[outer][channels][inner], contiguous: channels-first data has
+// outer = N and inner = the spatial size; channels-last data (and (N, C) data) has
+// outer = N * spatial and inner = 1. With inner > 1 the kernels vectorize ALONG the inner run of
+// one channel; with inner == 1 they vectorize ACROSS channels.
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "parallel.hpp"
+#include "simd.hpp"
+
+// GCC 12's AVX-512 intrinsics trip its own -Wmaybe-uninitialized (GCC bug 105593) wherever they
+// are inlined; keep that false alarm out of users' -Werror builds.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+
+namespace bnorm::detail {
+
+struct Geometry {
+  Index outer = 0;
+  Index channels = 0;
+  Index inner = 1;
+
+  Index size() const { return outer * channels * inner; }
+  Index per_channel() const { return outer * inner; }
+  bool across() const { return inner == 1; }
+};
+
+/// A block's (or a channel's) reduction: count and two accumulated quantities. For moments,
+/// a = mean and b = M2 (sum of squared deviations); for gradients, a = sum(dy) and
+/// b = sum(dy * (x - center)).
+struct Partial {
+  double n = 0, a = 0, b = 0;
+};
+
+/// Chan et al.'s pairwise update: moments of the union of two disjoint sets.
+inline Partial merge_moments(const Partial& x, const Partial& y) {
+  const double n = x.n + y.n;
+  if (y.n == 0) return x;
+  if (x.n == 0) return y;
+  const double delta = y.a - x.a;
+  const double share = y.n / n;
+  return {n, x.a + delta * share, x.b + y.b + delta * delta * x.n * share};
+}
+
+inline Partial merge_sums(const Partial& x, const Partial& y) {
+  return {x.n + y.n, x.a + y.a, x.b + y.b};
+}
+
+/// How the data is cut into reduction blocks: a function of the shape alone.
+struct Blocking {
+  // ALONG (inner > 1): block b of a channel covers rows [first_row, first_row + rows) of that
+  // channel, and within each row the elements [first, first + len) of the inner run.
+  static constexpr Index kAlongElems = 4096;  // 16 KiB of floats: pass two reads from L1
+  // ACROSS (inner == 1): block b covers rows [b * rows, ...) of every channel.
+  static constexpr Index kAcrossElems = Index{1} << 17;  // 512 KiB of floats: L2-resident
+
+  Index rows = 1;    // rows per block
+  Index pieces = 1;  // ALONG: blocks per row (long rows are cut into pieces)
+  Index piece = 0;   // ALONG: elements per piece
+  Index blocks = 0;  // ALONG: blocks per channel; ACROSS: blocks in all
+
+  explicit Blocking(const Geometry& g) {
+    if (g.across()) {
+      rows = std::clamp<Index>(kAcrossElems / std::max<Index>(g.channels, 1), 16, 1024);
+      blocks = (g.outer + rows - 1) / rows;
+    } else if (g.inner >= kAlongElems) {
+      pieces = (g.inner + kAlongElems - 1) / kAlongElems;
+      piece = (g.inner + pieces - 1) / pieces;
+      blocks = g.outer * pieces;
+    } else {
+      rows = kAlongElems / g.inner;
+      piece = g.inner;
+      blocks = (g.outer + rows - 1) / rows;
+    }
+  }
+
+  struct Extent {
+    Index first_row, rows, first, len;
+  };
+  Extent along(const Geometry& g, Index b) const {
+    const Index row = (b / pieces) * rows;
+    const Index first = (b % pieces) * piece;
+    return {row, std::min(rows, g.outer - row), first, std::min(piece, g.inner - first)};
+  }
+  Index across_rows(const Geometry& g, Index b) const { return std::min(rows, g.outer - b * rows); }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Step 1: block reductions.
+
+/// Sum of the values, in T: only a shift for the centered pass, where T precision is plenty.
+/// Runs of `len` values at `stride` apart, `runs` of them.
+template <class T>
+double plain_sum_along(const T* x, Index stride, Index runs, Index len) {
+  using P = Packet<T>;
+  constexpr Index L = kLanes<T>;
+  P acc0 = ei::pset1<P>(T(0)), acc1 = acc0;
+  T tail = 0;
+  for (Index r = 0; r < runs; ++r) {
+    const T* p = x + r * stride;
+    Index i = 0;
+    for (; i + 2 * L <= len; i += 2 * L) {
+      acc0 = ei::padd(acc0, ei::ploadu<P>(p + i));
+      acc1 = ei::padd(acc1, ei::ploadu<P>(p + i + L));
+    }
+    for (; i + L <= len; i += L) acc0 = ei::padd(acc0, ei::ploadu<P>(p + i));
+    for (; i < len; ++i) tail += p[i];
+  }
+  return lane_sum(ei::padd(acc0, acc1)) + static_cast<double>(tail);
+}
+
+/// Gradient sums: a += dy, b += dy * (x - center). Inputs: {dy, x}.
+struct GradientSums {
+  static constexpr int kInputs = 2;
+  template <class W>
+  static void add(const W* in, const W& center, W& a, W& b) {
+    a = ei::padd(a, in[0]);
+    b = ei::pmadd(in[0], ei::psub(in[1], center), b);
+  }
+};
+
+/// Centered moments: a += x - center, b += (x - center)^2. Inputs: {x}.
+struct CenteredSums {
+  static constexpr int kInputs = 1;
+  template <class W>
+  static void add(const W* in, const W& center, W& a, W& b) {
+    const W d = ei::psub(in[0], center);
+    a = ei::padd(a, d);
+    b = ei::pmadd(d, d, b);
+  }
+};
+
+/// Sums of Step's two quantities in double over runs of one channel (ALONG).
+/// in[k] points at run 0 of input k; runs are `stride` apart.
+template <class Step, class T>
+Partial step_sums_along(const T* const* in, Index stride, Index runs, Index len, double center) {
+  using W = Wide;
+  constexpr Index L = kWideLanes;
+  const W c = ei::pset1<W>(center);
+  W a0 = ei::pset1<W>(0.0), b0 = a0, a1 = a0, b1 = a0;
+  double at = 0, bt = 0;
+  for (Index r = 0; r < runs; ++r) {
+    const Index off = r * stride;
+    Index i = 0;
+    W v0[Step::kInputs], v1[Step::kInputs];
+    for (; i + 2 * L <= len; i += 2 * L) {
+      for (int k = 0; k < Step::kInputs; ++k) {
+        v0[k] = load_wide(in[k] + off + i);
+        v1[k] = load_wide(in[k] + off + i + L);
+      }
+      Step::add(v0, c, a0, b0);
+      Step::add(v1, c, a1, b1);
+    }
+    for (; i + L <= len; i += L) {
+      for (int k = 0; k < Step::kInputs; ++k) v0[k] = load_wide(in[k] + off + i);
+      Step::add(v0, c, a0, b0);
+    }
+    for (; i < len; ++i) {
+      double s[Step::kInputs];
+      for (int k = 0; k < Step::kInputs; ++k) s[k] = static_cast<double>(in[k][off + i]);
+      Step::add(s, center, at, bt);
+    }
+  }
+  return {double(runs * len), lane_sum(ei::padd(a0, a1)) + at, lane_sum(ei::padd(b0, b1)) + bt};
+}
+
+/// Moments of a centered pass: mean = center + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n.
+inline Partial centered_to_moments(const Partial& s, double center) {
+  if (s.n == 0) return {};
+  return {s.n, center + s.a / s.n, std::max(0.0, s.b - s.a * s.a / s.n)};
+}
+
+/// Moments of one ALONG block: a pass in T for a shift near the mean, then the centered pass in
+/// double, which is accurate however large the mean is next to the spread. The block is small
+/// enough that the second pass reads from L1.
+template <class T>
+Partial moments_along(const T* x, Index stride, Index runs, Index len) {
+  const double n = double(runs * len);
+  double shift = plain_sum_along(x, stride, runs, len) / n;
+  if (!std::isfinite(shift)) {  // T overflowed (values near T's max) or the data is not finite
+    shift = centered_to_moments(step_sums_along<CenteredSums>(&x, stride, runs, len, 0.0), 0.0).a;
+    if (!std::isfinite(shift)) shift = 0;
+  }
+  return centered_to_moments(step_sums_along<CenteredSums>(&x, stride, runs, len, shift), shift);
+}
+
+/// A packet of doubles, or one double (a class template, not std::conditional: GCC warns
+/// when a vector type with attributes is a template argument of a class template).
+template <bool kPacket>
+struct WideOrScalar {
+  using type = Wide;
+};
+template <>
+struct WideOrScalar<false> {
+  using type = double;
+};
+
+/// ACROSS: moments of channels [c, c + lanes(P)) over `rows` rows of `channels` values, one lane
+/// per channel. P is a packet of T, or T itself for the channels left over.
+template <class P, class T>
+void moments_across_column(const T* x, Index channels, Index rows, Partial* out) {
+  constexpr Index L = ei::unpacket_traits<P>::size;
+  // Pass one in T: a shift per channel.
+  P sum = ei::pset1<P>(T(0));
+  for (Index r = 0; r < rows; ++r) sum = ei::padd(sum, ei::ploadu<P>(x + r * channels));
+  T sums[L];
+  ei::pstoreu(sums, sum);
+  double shift[L];
+  for (Index l = 0; l < L; ++l) {
+    shift[l] = static_cast<double>(sums[l]) / double(rows);
+    if (!std::isfinite(shift[l])) {  // T overflowed: a plain sum in double instead
+      double s = 0;
+      for (Index r = 0; r < rows; ++r) s += static_cast<double>(x[r * channels + l]);
+      shift[l] = std::isfinite(s) ? s / double(rows) : 0.0;
+    }
+  }
+  // Pass two in double, one wide packet (or one double) per group of lanes.
+  using W = typename WideOrScalar<(L >= kWideLanes)>::type;
+  constexpr Index WL = L >= kWideLanes ? kWideLanes : 1;
+  static_assert(L % WL == 0, "a packet of T splits into whole packets of double");
+  constexpr Index H = L / WL;
+  W a[H], b[H], c[H];
+  for (Index h = 0; h < H; ++h) {
+    a[h] = b[h] = ei::pset1<W>(0.0);
+    c[h] = ei::ploadu<W>(shift + h * WL);
+  }
+  for (Index r = 0; r < rows; ++r) {
+    for (Index h = 0; h < H; ++h) {
+      W v[1];
+      if constexpr (WL == 1) {
+        v[0] = static_cast<double>(x[r * channels + h]);
+      } else {
+        v[0] = load_wide(x + r * channels + h * WL);
+      }
+      CenteredSums::add(v, c[h], a[h], b[h]);
+    }
+  }
+  double as[L], bs[L];
+  for (Index h = 0; h < H; ++h) {
+    ei::pstoreu(as + h * WL, a[h]);
+    ei::pstoreu(bs + h * WL, b[h]);
+  }
+  for (Index l = 0; l < L; ++l)
+    out[l] = centered_to_moments({double(rows), as[l], bs[l]}, shift[l]);
+}
+
+/// ACROSS: Step's sums for channels [c, c + L), one lane per channel, L = kWideLanes for the
+/// packet version and 1 for the channels left over. `center` holds one double per channel.
+template <class Step, bool kPacket, class T>
+void step_sums_across_column(const T* const* in, Index channels, Index rows, const double* center,
+                             Partial* out) {
+  using W = typename WideOrScalar<kPacket>::type;
+  constexpr Index L = kPacket ? kWideLanes : 1;
+  W a = ei::pset1<W>(0.0), b = a;
+  const W c = ei::ploadu<W>(center);
+  for (Index r = 0; r < rows; ++r) {
+    W v[Step::kInputs];
+    for (int k = 0; k < Step::kInputs; ++k) {
+      if constexpr (L == 1) {
+        v[k] = static_cast<double>(in[k][r * channels]);
+      } else {
+        v[k] = load_wide(in[k] + r * channels);
+      }
+    }
+    Step::add(v, c, a, b);
+  }
+  double as[L], bs[L];
+  ei::pstoreu(as, a);
+  ei::pstoreu(bs, b);
+  for (Index l = 0; l < L; ++l) out[l] = {double(rows), as[l], bs[l]};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Step 3: elementwise passes. An Op maps kInputs input packets and kCoefs per-channel
+// coefficient packets to one output packet.
+
+/// y = (x - k0) * k1 + k2. Training: k0 = mean, k1 = weight * invstd, k2 = bias. Subtracting the
+/// mean first keeps y exact when the mean is large next to the spread. Inference folds all into
+/// k0 = 0, k1 = scale, k2 = shift.
+struct NormalizeOp {
+  static constexpr int kInputs = 1, kCoefs = 3;
+  template <class P>
+  static P apply(const P* in, const P* k) {
+    return ei::pmadd(ei::psub(in[0], k[0]), k[1], k[2]);
+  }
+};
+
+/// dx = dy * k0 + (x - k1) * k2 + k3. Inputs: {dy, x}.
+struct InputGradOp {
+  static constexpr int kInputs = 2, kCoefs = 4;
+  template <class P>
+  static P apply(const P* in, const P* k) {
+    return ei::pmadd(in[0], k[0], ei::pmadd(ei::psub(in[1], k[1]), k[2], k[3]));
+  }
+};
+
+/// Where an elementwise pass reads and writes. `copy`, when set, receives a copy of input 0
+/// (the module keeps its input for backward this way without a second read).
+template <class T, int kInputs>
+struct Streams {
+  const T* in[kInputs];
+  T* out;
+  T* copy = nullptr;
+};
+
+/// ALONG: rows [o0, o1) of channels [c0, c1). coef[k * channels + c] is coefficient k of c.
+template <class Op, class T>
+void apply_along(const Geometry& g, const Streams<T, Op::kInputs>& s, const T* coef, Index o0,
+                 Index o1, Index c0, Index c1) {
+  using P = Packet<T>;
+  constexpr Index L = kLanes<T>;
+  const Index len = g.inner;
+  for (Index o = o0; o < o1; ++o) {
+    for (Index c = c0; c < c1; ++c) {
+      const Index off = (o * g.channels + c) * len;
+      P k[Op::kCoefs];
+      T ks[Op::kCoefs];
+      for (int j = 0; j < Op::kCoefs; ++j) {
+        ks[j] = coef[j * g.channels + c];
+        k[j] = ei::pset1<P>(ks[j]);
+      }
+      Index i = 0;
+      for (; i + L <= len; i += L) {
+        P v[Op::kInputs];
+        for (int j = 0; j < Op::kInputs; ++j) v[j] = ei::ploadu<P>(s.in[j] + off + i);
+        if (s.copy) ei::pstoreu(s.copy + off + i, v[0]);
+        ei::pstoreu(s.out + off + i, Op::apply(v, k));
+      }
+      for (; i < len; ++i) {
+        T v[Op::kInputs];
+        for (int j = 0; j < Op::kInputs; ++j) v[j] = s.in[j][off + i];
+        if (s.copy) s.copy[off + i] = v[0];
+        s.out[off + i] = Op::apply(v, ks);
+      }
+    }
+  }
+}
+
+/// ACROSS: rows [r0, r1), every channel, walked from the last row to the first so that a pass
+/// that follows a forward reduction over the same rows starts on what is still in cache.
+template <class Op, class T>
+void apply_across(const Geometry& g, const Streams<T, Op::kInputs>& s, const T* coef, Index r0,
+                  Index r1) {
+  using P = Packet<T>;
+  constexpr Index L = kLanes<T>;
+  const Index C = g.channels;
+  for (Index r = r1; r-- > r0;) {
+    const Index off = r * C;
+    Index c = 0;
+    for (; c + L <= C; c += L) {
+      P v[Op::kInputs], k[Op::kCoefs];
+      for (int j = 0; j < Op::kInputs; ++j) v[j] = ei::ploadu<P>(s.in[j] + off + c);
+      for (int j = 0; j < Op::kCoefs; ++j) k[j] = ei::ploadu<P>(coef + j * C + c);
+      if (s.copy) ei::pstoreu(s.copy + off + c, v[0]);
+      ei::pstoreu(s.out + off + c, Op::apply(v, k));
+    }
+    for (; c < C; ++c) {
+      T v[Op::kInputs], k[Op::kCoefs];
+      for (int j = 0; j < Op::kInputs; ++j) v[j] = s.in[j][off + c];
+      for (int j = 0; j < Op::kCoefs; ++j) k[j] = coef[j * C + c];
+      if (s.copy) s.copy[off + c] = v[0];
+      s.out[off + c] = Op::apply(v, k);
+    }
+  }
+}
+
+/// Elementwise pass alone (inference), split over rows.
+template <class Op, class T>
+void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, const T* coef,
+               const Eigen::ThreadPoolDevice* device) {
+  if (g.across()) {
+    const Index rows = Blocking(g).rows;  // ranges of whole blocks, like the reductions
+    const Index blocks = (g.outer + rows - 1) / rows;
+    parallel_ranges(device, blocks, [&](Index b0, Index b1) {
+      apply_across<Op>(g, s, coef, b0 * rows, std::min(g.outer, b1 * rows));
+    });
+  } else if (g.outer >= workers(device)) {
+    parallel_ranges(device, g.outer,
+                    [&](Index o0, Index o1) { apply_along<Op>(g, s, coef, o0, o1, 0, g.channels); });
+  } else {
+    parallel_ranges(device, g.channels,
+                    [&](Index c0, Index c1) { apply_along<Op>(g, s, coef, 0, g.outer, c0, c1); });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The three steps together.
+
+/// Scratch memory of the kernels, reused from call to call so that steady-state calls allocate
+/// nothing.
+template <class T>
+struct Workspace {
+  std::vector<Partial> partials;
+  std::vector<T> coefs;
+  std::vector<double> centers;
+};
+
+/// A reduction: what is summed per block (Step, or moments when Step is void), how blocks merge,
+/// and `finish(c, total, coef)`, which turns channel c's total into its coefficients.
+///
+/// Runs step 1 over every block, step 2 per channel, and step 3 with Op. Where there are enough
+/// channels for every worker, each worker takes whole channels and does all three steps on one
+/// channel at a time, so the elementwise pass reads the channel back from cache. Otherwise the
+/// steps run one after the other, each split over all workers. Either way, every block is reduced
+/// by the same code and merged in the same order: the results do not depend on the split.
+template <class Op, class Step, class T, class Merge, class Finish>
+void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const double* centers,
+                       Merge merge, Finish finish, const Streams<T, Op::kInputs>& s,
+                       Workspace<T>& ws, const Eigen::ThreadPoolDevice* device) {
+  constexpr bool kMoments = std::is_void_v<Step>;
+  const Index C = g.channels;
+  const Blocking bl(g);
+  ws.coefs.resize(std::size_t(Op::kCoefs * C));
+  T* coef = ws.coefs.data();
+
+  if (!g.across()) {
+    const Index stride = C * g.inner;  // from one row of a channel to the next
+    auto block = [&](Index c, Index b) {
+      const auto e = bl.along(g, b);
+      const Index off = (e.first_row * C + c) * g.inner + e.first;
+      if constexpr (kMoments) {
+        return moments_along(reduce_in[0] + off, stride, e.rows, e.len);
+      } else {
+        const T* in[Step::kInputs];
+        for (int k = 0; k < Step::kInputs; ++k) in[k] = reduce_in[k] + off;
+        return step_sums_along<Step>(in, stride, e.rows, e.len, centers[c]);
+      }
+    };
+    if (workers(device) == 1 || C >= 4 * workers(device)) {
+      parallel_ranges(device, C, [&](Index c0, Index c1) {
+        for (Index c = c0; c < c1; ++c) {
+          Partial total;
+          for (Index b = 0; b < bl.blocks; ++b) total = merge(total, block(c, b));
+          finish(c, total, coef);
+          apply_along<Op>(g, s, coef, 0, g.outer, c, c + 1);
+        }
+      });
+      return;
+    }
+    ws.partials.resize(std::size_t(C * bl.blocks));
+    Partial* part = ws.partials.data();
+    parallel_ranges(device, C * bl.blocks, [&](Index i0, Index i1) {
+      for (Index i = i0; i < i1; ++i) part[i] = block(i / bl.blocks, i % bl.blocks);
+    });
+    for (Index c = 0; c < C; ++c) {
+      Partial total;
+      for (Index b = 0; b < bl.blocks; ++b) total = merge(total, part[c * bl.blocks + b]);
+      finish(c, total, coef);
+    }
+    apply_all<Op>(g, s, coef, device);
+    return;
+  }
+
+  // ACROSS: block b holds rows [b * bl.rows, ...) of every channel.
+  ws.partials.resize(std::size_t(C * bl.blocks));
+  Partial* part = ws.partials.data();
+  constexpr Index L = kLanes<T>;
+  constexpr Index WL = kWideLanes;
+  parallel_ranges(device, bl.blocks, [&](Index b0, Index b1) {
+    for (Index b = b0; b < b1; ++b) {
+      const Index rows = bl.across_rows(g, b);
+      const Index off = b * bl.rows * C;
+      Partial* out = part + b * C;
+      if constexpr (kMoments) {
+        const T* x = reduce_in[0] + off;
+        Index c = 0;
+        for (; c + L <= C; c += L) moments_across_column<Packet<T>>(x + c, C, rows, out + c);
+        for (; c < C; ++c) moments_across_column<T>(x + c, C, rows, out + c);
+      } else {
+        auto column = [&](auto packet, Index c) {
+          const T* in[Step::kInputs];
+          for (int k = 0; k < Step::kInputs; ++k) in[k] = reduce_in[k] + off + c;
+          step_sums_across_column<Step, decltype(packet)::value>(in, C, rows, centers + c, out + c);
+        };
+        Index c = 0;
+        for (; c + WL <= C; c += WL) column(std::true_type{}, c);
+        for (; c < C; ++c) column(std::false_type{}, c);
+      }
+    }
+  });
+  parallel_ranges(device, C, [&](Index c0, Index c1) {
+    for (Index c = c0; c < c1; ++c) {
+      Partial total;
+      for (Index b = 0; b < bl.blocks; ++b) total = merge(total, part[b * C + c]);
+      finish(c, total, coef);
+    }
+  });
+  apply_all<Op>(g, s, coef, device);
+}
+
+}  // namespace bnorm::detail
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif

@@ -1,0 +1,261 @@
+#pragma once
+// bnorm::functional: stateless batch normalization on raw pointers, for frameworks that keep
+// their own tensors. The modules in batch_norm.hpp are thin wrappers over these functions.
+//
+// Data is contiguous, described by a Shape: ChannelsFirst is [batch][channels][spatial],
+// ChannelsLast is [batch][spatial][channels]. Per-channel arrays have `channels` values.
+// Results are identical bit for bit whatever device (and number of threads) is passed.
+
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "detail/kernels.hpp"
+#include "options.hpp"
+
+namespace bnorm::functional {
+
+using Index = std::ptrdiff_t;
+
+struct Shape {
+  Index batch = 0;
+  Index channels = 0;
+  Index spatial = 1;  ///< product of the spatial sizes; 1 for (N, C) data
+  Layout layout = Layout::ChannelsFirst;
+
+  Index per_channel() const { return batch * spatial; }
+  Index size() const { return batch * channels * spatial; }
+};
+
+/// Learnable parameters; a null pointer means weight 1 / bias 0 (affine = false).
+template <class T>
+struct Affine {
+  const T* weight = nullptr;
+  const T* bias = nullptr;
+};
+
+/// Where a training forward writes the batch statistics it used (each may be null).
+template <class T>
+struct BatchStats {
+  T* mean = nullptr;
+  T* invstd = nullptr;  ///< 1 / sqrt(biased variance + eps)
+};
+
+/// Running statistics updated by a training forward, PyTorch's way:
+/// r = (1 - momentum) * r + momentum * batch value, with the UNBIASED variance for running var.
+/// Null pointers: no update.
+template <class T>
+struct Running {
+  T* mean = nullptr;
+  T* var = nullptr;
+  double momentum = 0.1;
+};
+
+/// Scratch memory of the kernels; keep one per caller to make calls allocation-free.
+template <class T>
+using Workspace = detail::Workspace<T>;
+
+/// How to run: on the calling thread alone (device == nullptr) or on a thread pool too.
+template <class T>
+struct Execution {
+  const Eigen::ThreadPoolDevice* device = nullptr;
+  Workspace<T>* workspace = nullptr;  ///< null: a workspace owned by the calling thread
+};
+
+namespace detail {
+
+using bnorm::detail::Geometry;
+
+inline Geometry geometry(const Shape& s) {
+  if (s.layout == Layout::ChannelsFirst) return {s.batch, s.channels, s.spatial};
+  return {s.batch * s.spatial, s.channels, 1};
+}
+
+template <class T>
+bnorm::detail::Workspace<T>& workspace(const Execution<T>& ex) {
+  if (ex.workspace) return *ex.workspace;
+  thread_local bnorm::detail::Workspace<T> own;
+  return own;
+}
+
+[[noreturn]] inline void fail(const std::string& what) {
+  throw std::invalid_argument("bnorm::functional: " + what);
+}
+
+inline void check_shape(const Shape& s) {
+  if (s.batch < 0 || s.channels < 1 || s.spatial < 0)
+    fail("expected batch >= 0, channels >= 1, spatial >= 0, got batch " + std::to_string(s.batch) +
+         ", channels " + std::to_string(s.channels) + ", spatial " + std::to_string(s.spatial));
+}
+
+inline void check_eps(double eps) {
+  if (!(eps >= 0) || !std::isfinite(eps))
+    fail("expected eps finite and >= 0, got " + std::to_string(eps));
+}
+
+inline void check_momentum(double m) {
+  if (!(m >= 0 && m <= 1)) fail("expected momentum in [0, 1], got " + std::to_string(m));
+}
+
+inline void check_pointer(const void* p, const char* name) {
+  if (p == nullptr) fail(std::string(name) + " is null");
+}
+
+template <class T>
+void forward_training(const Shape& shape, const T* x, T* y, double eps, Affine<T> affine,
+                      BatchStats<T> stats, Running<T> running, const Execution<T>& ex,
+                      T* copy_of_x) {
+  check_shape(shape);
+  check_eps(eps);
+  if (running.mean || running.var) check_momentum(running.momentum);
+  if (shape.size() == 0) return;
+  check_pointer(x, "x");
+  check_pointer(y, "y");
+  const Index n = shape.per_channel();
+  if (n < 2)
+    fail("expected more than 1 value per channel when training, got " + std::to_string(n));
+
+  const double count = double(n), momentum = running.momentum;
+  auto finish = [&](Index c, const bnorm::detail::Partial& m, T* coef) {
+    const double var = m.b / count;
+    const double invstd = 1.0 / std::sqrt(var + eps);
+    const double w = affine.weight ? double(affine.weight[c]) : 1.0;
+    const Index C = shape.channels;
+    coef[c] = T(m.a);
+    coef[C + c] = T(w * invstd);
+    coef[2 * C + c] = affine.bias ? affine.bias[c] : T(0);
+    if (stats.mean) stats.mean[c] = T(m.a);
+    if (stats.invstd) stats.invstd[c] = T(invstd);
+    if (running.mean)
+      running.mean[c] = T((1 - momentum) * double(running.mean[c]) + momentum * m.a);
+    if (running.var)
+      running.var[c] =
+          T((1 - momentum) * double(running.var[c]) + momentum * var * count / (count - 1));
+  };
+  const T* in[] = {x};
+  bnorm::detail::Streams<T, 1> s{{x}, y, copy_of_x};
+  bnorm::detail::reduce_then_apply<bnorm::detail::NormalizeOp, void>(
+      geometry(shape), in, nullptr, bnorm::detail::merge_moments, finish, s, workspace(ex),
+      ex.device);
+}
+
+template <class T>
+void forward_inference(const Shape& shape, const T* x, T* y, double eps, Affine<T> affine,
+                       const T* mean, const T* var, const Execution<T>& ex, T* copy_of_x) {
+  check_shape(shape);
+  check_eps(eps);
+  if (shape.size() == 0) return;
+  check_pointer(x, "x");
+  check_pointer(y, "y");
+  check_pointer(mean, "mean");
+  check_pointer(var, "var");
+  const Index C = shape.channels;
+  auto& ws = workspace(ex);
+  ws.coefs.resize(std::size_t(3 * C));
+  T* coef = ws.coefs.data();
+  for (Index c = 0; c < C; ++c) {
+    const double w = affine.weight ? double(affine.weight[c]) : 1.0;
+    const double b = affine.bias ? double(affine.bias[c]) : 0.0;
+    const double scale = w / std::sqrt(double(var[c]) + eps);
+    coef[c] = T(0);
+    coef[C + c] = T(scale);
+    coef[2 * C + c] = T(b - double(mean[c]) * scale);
+  }
+  bnorm::detail::apply_all<bnorm::detail::NormalizeOp>(
+      geometry(shape), bnorm::detail::Streams<T, 1>{{x}, y, copy_of_x}, coef, ex.device);
+}
+
+}  // namespace detail
+
+/// Training forward: normalizes x into y with the batch's own statistics, writes them to `stats`
+/// and updates `running`. y may be x (in place).
+template <class T>
+void forward_training(const Shape& shape, const T* x, T* y, double eps, Affine<T> affine = {},
+                      BatchStats<T> stats = {}, Running<T> running = {},
+                      const Execution<T>& ex = {}) {
+  detail::forward_training<T>(shape, x, y, eps, affine, stats, running, ex, nullptr);
+}
+
+/// Inference forward: normalizes x into y with the given statistics (usually the running ones),
+/// folded with weight and bias into one scale and shift per channel. y may be x.
+template <class T>
+void forward_inference(const Shape& shape, const T* x, T* y, double eps, Affine<T> affine,
+                       const T* mean, const T* var, const Execution<T>& ex = {}) {
+  detail::forward_inference<T>(shape, x, y, eps, affine, mean, var, ex, nullptr);
+}
+
+/// Which statistics the forward used, and so which gradient backward computes.
+enum class Statistics {
+  Batch,   ///< training: mean and invstd depend on x, so dx has the two reduction terms
+  Frozen,  ///< inference: constant statistics, dx = dy * weight * invstd
+};
+
+/// Backward: dx from dy, and the parameter gradients (OVERWRITTEN, each may be null):
+/// grad_bias = sum(dy), grad_weight = sum(dy * (x - mean)) * invstd, per channel.
+/// mean and invstd are what the forward used: BatchStats for Statistics::Batch, or the running
+/// mean and 1 / sqrt(running_var + eps) for Statistics::Frozen. dx may alias dy.
+template <class T>
+void backward(const Shape& shape, const T* dy, const T* x, T* dx, Statistics kind, const T* mean,
+              const T* invstd, const T* weight, T* grad_weight, T* grad_bias,
+              const Execution<T>& ex = {}) {
+  using namespace bnorm::detail;
+  detail::check_shape(shape);
+  const Index C = shape.channels;
+  if (shape.size() == 0) {
+    for (Index c = 0; c < C; ++c) {
+      if (grad_weight) grad_weight[c] = T(0);
+      if (grad_bias) grad_bias[c] = T(0);
+    }
+    return;
+  }
+  detail::check_pointer(dy, "dy");
+  detail::check_pointer(x, "x");
+  detail::check_pointer(dx, "dx");
+  detail::check_pointer(mean, "mean");
+  detail::check_pointer(invstd, "invstd");
+  const Geometry g = detail::geometry(shape);
+  auto& ws = detail::workspace(ex);
+  ws.centers.assign(mean, mean + C);
+  const T* in[] = {dy, x};
+  const double count = double(shape.per_channel());
+  auto grads = [&](Index c, const Partial& sums) {
+    if (grad_bias) grad_bias[c] = T(sums.a);
+    if (grad_weight) grad_weight[c] = T(sums.b * double(invstd[c]));
+  };
+  auto scale_of = [&](Index c) {
+    return (weight ? double(weight[c]) : 1.0) * double(invstd[c]);
+  };
+
+  if (kind == Statistics::Batch) {
+    auto finish = [&](Index c, const Partial& sums, T* coef) {
+      grads(c, sums);
+      const double k = scale_of(c), is = double(invstd[c]);
+      coef[c] = T(k);
+      coef[C + c] = mean[c];
+      coef[2 * C + c] = T(-k * is * is * sums.b / count);
+      coef[3 * C + c] = T(-k * sums.a / count);
+    };
+    reduce_then_apply<InputGradOp, GradientSums>(g, in, ws.centers.data(), merge_sums, finish,
+                                                 Streams<T, 2>{{dy, x}, dx}, ws, ex.device);
+    return;
+  }
+  // Frozen statistics: dx = dy * weight * invstd; the sums are only needed for the gradients.
+  auto finish = [&](Index c, const Partial& sums, T* coef) {
+    grads(c, sums);
+    coef[c] = T(0);
+    coef[C + c] = T(scale_of(c));
+    coef[2 * C + c] = T(0);
+  };
+  const Streams<T, 1> s{{dy}, dx};
+  if (grad_weight || grad_bias) {
+    reduce_then_apply<NormalizeOp, GradientSums>(g, in, ws.centers.data(), merge_sums, finish, s,
+                                                 ws, ex.device);
+    return;
+  }
+  ws.coefs.resize(std::size_t(3 * C));
+  for (Index c = 0; c < C; ++c) finish(c, Partial{}, ws.coefs.data());
+  apply_all<NormalizeOp>(g, s, ws.coefs.data(), ex.device);
+}
+
+}  // namespace bnorm::functional

@@ -1,0 +1,32 @@
+#pragma once
+// Options of the batch-norm modules: a plain aggregate with PyTorch's defaults.
+
+#include <optional>
+
+namespace bnorm {
+
+/// Where the channel dimension sits. Always explicit: a (N, C, L) and an (N, L, C) tensor of the
+/// same sizes cannot be told apart by shape.
+enum class Layout {
+  ChannelsFirst,  ///< PyTorch's dims: (N,C), (N,C,L), (N,C,H,W), (N,C,D,H,W)
+  ChannelsLast,   ///< C last: (N,C), (N,L,C), (N,H,W,C), (N,D,H,W,C)
+};
+
+struct Options {
+  /// Added to the variance before the square root. Must be finite and >= 0.
+  double eps = 1e-5;
+  /// Weight of the NEW batch statistic in the running average (PyTorch's convention; Keras's
+  /// momentum is 1 - this). std::nullopt: cumulative average, factor 1 / num_batches_tracked.
+  std::optional<double> momentum = 0.1;
+  /// Learnable per-channel weight (gamma, starts at 1) and bias (beta, starts at 0).
+  bool affine = true;
+  /// Keep running_mean / running_var and use them in eval mode. When false there are no buffers
+  /// and batch statistics are used in eval mode too.
+  bool track_running_stats = true;
+  Layout layout = Layout::ChannelsFirst;
+  /// Reject a batch holding NaN or Inf before any state changes, so that one bad batch cannot
+  /// poison the running statistics. Costs one extra read of the input.
+  bool check_finite = false;
+};
+
+}  // namespace bnorm

@@ -1,0 +1,203 @@
+// The kernels (bnorm::functional) against the double reference, over shapes that reach every
+// path: vectorized along runs and across channels, tails, long rows cut into pieces, many
+// blocks, fused and split threading; and bit-identical results for any number of threads.
+
+#include "util.hpp"
+
+namespace fn = bnorm::functional;
+using bnorm::Layout;
+using reference::Shape;
+using testing::Index;
+
+namespace {
+
+const Layout kFirst = Layout::ChannelsFirst, kLast = Layout::ChannelsLast;
+
+std::vector<Shape> shapes() {
+  return {
+      {2, 3, 7, kFirst},      {3, 5, 1, kFirst},     {2, 3, 49, kFirst},   {5, 4, 100, kFirst},
+      {1, 2, 5000, kFirst},   {3, 2, 9001, kFirst},  {300, 2, 17, kFirst}, {2, 37, 33, kFirst},
+      {7, 3, 1, kLast},       {2, 3, 7, kLast},      {5, 37, 3, kLast},    {40, 1030, 1, kLast},
+      {300, 1030, 1, kLast},  {2000, 3, 1, kLast},   {9, 17, 13, kLast},   {2, 1, 3, kFirst},
+  };
+}
+
+std::string describe(const Shape& s) {
+  return "batch " + std::to_string(s.batch) + ", channels " + std::to_string(s.channels) +
+         ", spatial " + std::to_string(s.spatial) +
+         (s.layout == kFirst ? ", ChannelsFirst" : ", ChannelsLast");
+}
+
+fn::Shape to_fn(const Shape& s) { return {s.batch, s.channels, s.spatial, s.layout}; }
+
+template <class T>
+struct TrainingRun {
+  std::vector<T> y, mean, invstd, running_mean, running_var;
+};
+
+template <class T>
+TrainingRun<T> run_training(const Shape& sh, const std::vector<T>& x, const std::vector<T>& w,
+                            const std::vector<T>& b, double eps, double momentum, int workers) {
+  testing::Pool pool(workers);
+  TrainingRun<T> r{testing::poisoned<T>(sh.size()), testing::poisoned<T>(sh.channels),
+                   testing::poisoned<T>(sh.channels), std::vector<T>(sh.channels, T(0.5)),
+                   std::vector<T>(sh.channels, T(2))};
+  fn::forward_training<T>(to_fn(sh), x.data(), r.y.data(), eps, {w.data(), b.data()},
+                          {r.mean.data(), r.invstd.data()},
+                          {r.running_mean.data(), r.running_var.data(), momentum},
+                          {pool.device.get()});
+  return r;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("forward_training matches the reference on every path", "[functional]", float,
+                   double) {
+  using T = TestType;
+  for (const Shape& sh : shapes()) {
+    INFO(describe(sh));
+    const auto x = testing::random_input<T>(sh);
+    const auto w = testing::random_vector<T>(sh.channels, 0.5, 2.0);
+    const auto b = testing::random_vector<T>(sh.channels, -1.0, 1.0);
+    const double eps = 1e-3, momentum = 0.3;
+
+    const auto st = reference::batch_stats(sh, x);
+    const auto y = reference::normalize(sh, x, st, eps, testing::widen(w), testing::widen(b));
+    std::vector<double> invstd(sh.channels), rm(sh.channels), rv(sh.channels);
+    const double n = double(sh.per_channel());
+    for (Index c = 0; c < sh.channels; ++c) {
+      invstd[c] = 1 / std::sqrt(st.var[c] + eps);
+      rm[c] = (1 - momentum) * 0.5 + momentum * st.mean[c];
+      rv[c] = (1 - momentum) * 2.0 + momentum * st.var[c] * n / (n - 1);
+    }
+
+    TrainingRun<T> first;
+    for (int workers : {0, 1, 2, 3}) {
+      INFO("workers " << workers);
+      const auto r = run_training(sh, x, w, b, eps, momentum, workers);
+      testing::check_close(r.y, y, "y");
+      testing::check_close(r.mean, st.mean, "mean");
+      testing::check_close(r.invstd, invstd, "invstd");
+      testing::check_close(r.running_mean, rm, "running_mean");
+      testing::check_close(r.running_var, rv, "running_var");
+      if (workers == 0) {
+        first = r;
+      } else {
+        CHECK(testing::same_bits(r.y, first.y));
+        CHECK(testing::same_bits(r.mean, first.mean));
+        CHECK(testing::same_bits(r.invstd, first.invstd));
+        CHECK(testing::same_bits(r.running_var, first.running_var));
+      }
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("forward_inference folds running statistics", "[functional]", float, double) {
+  using T = TestType;
+  for (const Shape& sh : shapes()) {
+    INFO(describe(sh));
+    const auto x = testing::random_input<T>(sh);
+    const auto w = testing::random_vector<T>(sh.channels, -2.0, 2.0);
+    const auto b = testing::random_vector<T>(sh.channels, -1.0, 1.0);
+    const auto rm = testing::random_vector<T>(sh.channels, -10.0, 10.0);
+    const auto rv = testing::random_vector<T>(sh.channels, 0.01, 50.0);
+    const reference::Stats st{testing::widen(rm), testing::widen(rv)};
+    const auto expected =
+        reference::normalize(sh, x, st, 1e-5, testing::widen(w), testing::widen(b));
+    for (int workers : {0, 2, 3}) {
+      testing::Pool pool(workers);
+      auto y = testing::poisoned<T>(sh.size());
+      fn::forward_inference<T>(to_fn(sh), x.data(), y.data(), 1e-5, {w.data(), b.data()},
+                               rm.data(), rv.data(), {pool.device.get()});
+      // Folding mean and bias into one shift costs the cancellation of x * scale - mean * scale:
+      // measured against the output's own scale it stays at rounding level.
+      testing::check_close(y, expected, "y");
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("backward matches the reference for batch and frozen statistics",
+                   "[functional]", float, double) {
+  using T = TestType;
+  for (const Shape& sh : shapes()) {
+    INFO(describe(sh));
+    const auto x = testing::random_input<T>(sh);
+    const auto dy = testing::random_input<T>(sh, 1.0);
+    const auto w = testing::random_vector<T>(sh.channels, 0.5, 2.0);
+    const double eps = 1e-4;
+    for (bool batch : {true, false}) {
+      INFO((batch ? "batch statistics" : "frozen statistics"));
+      reference::Stats st = reference::batch_stats(sh, x);
+      if (!batch) {  // frozen: some other statistics
+        for (auto& m : st.mean) m += 0.5;
+        for (auto& v : st.var) v *= 1.5;
+      }
+      // The kernel gets the statistics rounded to T; so does the reference (x - mean summed
+      // over a whole channel would otherwise amplify the rounding of the mean).
+      std::vector<T> mean(sh.channels), invstd(sh.channels);
+      for (Index c = 0; c < sh.channels; ++c) {
+        mean[c] = T(st.mean[c]);
+        st.mean[c] = double(mean[c]);
+        invstd[c] = T(1 / std::sqrt(st.var[c] + eps));
+      }
+      const auto g = reference::backward(sh, x, dy, st, eps, testing::widen(w), batch);
+      std::vector<T> first;
+      for (int workers : {0, 1, 2, 3}) {
+        INFO("workers " << workers);
+        testing::Pool pool(workers);
+        auto dx = testing::poisoned<T>(sh.size());
+        auto gw = testing::poisoned<T>(sh.channels), gb = testing::poisoned<T>(sh.channels);
+        fn::backward<T>(to_fn(sh), dy.data(), x.data(), dx.data(),
+                        batch ? fn::Statistics::Batch : fn::Statistics::Frozen, mean.data(),
+                        invstd.data(), w.data(), gw.data(), gb.data(), {pool.device.get()});
+        testing::check_close(dx, g.dx, "dx");
+        testing::check_close(gw, g.weight, "grad_weight");
+        testing::check_close(gb, g.bias, "grad_bias");
+        if (workers == 0) {
+          first = dx;
+          first.insert(first.end(), gw.begin(), gw.end());
+        } else {
+          dx.insert(dx.end(), gw.begin(), gw.end());
+          CHECK(testing::same_bits(dx, first));
+        }
+      }
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("forward and backward work in place", "[functional]", float, double) {
+  using T = TestType;
+  for (const Shape& sh : {Shape{4, 3, 50, kFirst}, Shape{50, 19, 1, kLast}}) {
+    const auto x = testing::random_input<T>(sh);
+    std::vector<T> y(x.size()), inplace = x, mean(sh.channels), invstd(sh.channels);
+    fn::forward_training<T>(to_fn(sh), x.data(), y.data(), 1e-5, {}, {mean.data(), invstd.data()});
+    fn::forward_training<T>(to_fn(sh), inplace.data(), inplace.data(), 1e-5);
+    CHECK(testing::same_bits(y, inplace));
+
+    const auto dy = testing::random_input<T>(sh, 1.0);
+    std::vector<T> dx(x.size()), dx_inplace = dy;
+    fn::backward<T>(to_fn(sh), dy.data(), x.data(), dx.data(), fn::Statistics::Batch, mean.data(),
+                    invstd.data(), nullptr, nullptr, nullptr);
+    fn::backward<T>(to_fn(sh), dx_inplace.data(), x.data(), dx_inplace.data(),
+                    fn::Statistics::Batch, mean.data(), invstd.data(), nullptr, nullptr, nullptr);
+    CHECK(testing::same_bits(dx, dx_inplace));
+  }
+}
+
+TEST_CASE("functional rejects bad arguments before writing anything", "[functional]") {
+  std::vector<float> x(6, 1.f), y(6, 7.f), rm(3, 0.f), rv(3, 1.f);
+  const fn::Shape one_per_channel{1, 3, 1};
+  CHECK_THROWS_WITH(fn::forward_training<float>(one_per_channel, x.data(), y.data(), 1e-5, {}, {},
+                                                {rm.data(), rv.data(), 0.1}),
+                    Catch::Contains("more than 1 value per channel"));
+  CHECK_THROWS_WITH(fn::forward_training<float>({2, 3, 1}, x.data(), y.data(), -1.0),
+                    Catch::Contains("eps"));
+  CHECK_THROWS_WITH(fn::forward_training<float>({2, 3, 1}, x.data(), y.data(), 1e-5, {}, {},
+                                                {rm.data(), rv.data(), 1.5}),
+                    Catch::Contains("momentum"));
+  CHECK_THROWS_WITH(fn::forward_training<float>({2, 0, 1}, x.data(), y.data(), 1e-5),
+                    Catch::Contains("channels >= 1"));
+  CHECK(y == std::vector<float>(6, 7.f));
+  CHECK(rm == std::vector<float>(3, 0.f));
+  CHECK(rv == std::vector<float>(3, 1.f));
+}
