@@ -272,7 +272,7 @@ class BatchNorm {
                                             running_mean_.data(), running_var_.data(), ex,
                                             saved_input_.data());
       for (Index c = 0; c < num_features_; ++c) {
-        saved_mean_[std::size_t(c)] = running_mean_(c);
+        saved_mean_[std::size_t(c)] = double(running_mean_(c));
         saved_invstd_[std::size_t(c)] =
             Scalar(1.0 / std::sqrt(double(running_var_(c)) + options_.eps));
       }
@@ -285,8 +285,8 @@ class BatchNorm {
                    options_.momentum ? *options_.momentum : 1.0 / batches};
       }
       functional::detail::forward_training(shape, xp, y.data(), options_.eps, affine,
-                                           {saved_mean_.data(), saved_invstd_.data()}, running,
-                                           ex, saved_input_.data());
+                                           {nullptr, saved_invstd_.data()}, running, ex,
+                                           saved_input_.data(), saved_mean_.data());
       if (update) ++num_batches_tracked_;
     }
     saved_kind_ = batch_stats ? functional::Statistics::Batch : functional::Statistics::Frozen;
@@ -328,7 +328,7 @@ class BatchNorm {
            detail::dims_string<R>(dims_of<R>(dx.dimensions())));
     check_state();
     const bool grads = options_.affine;
-    functional::backward(saved_shape_, dy.data(), saved_input_.data(), dx.data(), saved_kind_,
+    functional::detail::backward(saved_shape_, dy.data(), saved_input_.data(), dx.data(), saved_kind_,
                          saved_mean_.data(), saved_invstd_.data(), weight_ptr(),
                          grads ? step_grad_weight_.data() : nullptr,
                          grads ? step_grad_bias_.data() : nullptr,
@@ -354,7 +354,8 @@ class BatchNorm {
   std::array<Index, 5> saved_dims_{};
   functional::Shape saved_shape_;
   functional::Statistics saved_kind_ = functional::Statistics::Batch;
-  std::vector<Scalar> saved_input_, saved_mean_, saved_invstd_;
+  std::vector<Scalar> saved_input_, saved_invstd_;
+  std::vector<double> saved_mean_;  // unrounded: backward centers x on the exact batch mean
   functional::Workspace<Scalar> workspace_;
 };
 

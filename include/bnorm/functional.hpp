@@ -63,6 +63,12 @@ struct Execution {
   Workspace<T>* workspace = nullptr;  ///< null: a workspace owned by the calling thread
 };
 
+/// Which statistics the forward used, and so which gradient backward computes.
+enum class Statistics {
+  Batch,   ///< training: mean and invstd depend on x, so dx has the two reduction terms
+  Frozen,  ///< inference: constant statistics, dx = dy * weight * invstd
+};
+
 namespace detail {
 
 using bnorm::detail::Geometry;
@@ -102,10 +108,12 @@ inline void check_pointer(const void* p, const char* name) {
   if (p == nullptr) fail(std::string(name) + " is null");
 }
 
+/// copy_of_x: receives a copy of x (the module keeps it for backward); mean_exact: receives
+/// the batch mean before rounding to T. Both may be null.
 template <class T>
 void forward_training(const Shape& shape, const T* x, T* y, double eps, Affine<T> affine,
                       BatchStats<T> stats, Running<T> running, const Execution<T>& ex,
-                      T* copy_of_x) {
+                      T* copy_of_x, double* mean_exact) {
   check_shape(shape);
   check_eps(eps);
   if (running.mean || running.var) check_momentum(running.momentum);
@@ -122,13 +130,15 @@ void forward_training(const Shape& shape, const T* x, T* y, double eps, Affine<T
     const double invstd = 1.0 / std::sqrt(var + eps);
     const double w = affine.weight ? double(affine.weight[c]) : 1.0;
     const Index C = shape.channels;
-    coef[c] = T(m.a);
-    coef[C + c] = T(w * invstd);
-    coef[2 * C + c] = affine.bias ? affine.bias[c] : T(0);
-    if (stats.mean) stats.mean[c] = T(m.a);
+    bnorm::detail::split_mean(m, coef[c], coef[C + c]);
+    coef[2 * C + c] = T(w * invstd);
+    coef[3 * C + c] = affine.bias ? affine.bias[c] : T(0);
+    const double mean = m.mean();
+    if (mean_exact) mean_exact[c] = mean;
+    if (stats.mean) stats.mean[c] = T(mean);
     if (stats.invstd) stats.invstd[c] = T(invstd);
     if (running.mean)
-      running.mean[c] = T((1 - momentum) * double(running.mean[c]) + momentum * m.a);
+      running.mean[c] = T((1 - momentum) * double(running.mean[c]) + momentum * mean);
     if (running.var)
       running.var[c] =
           T((1 - momentum) * double(running.var[c]) + momentum * var * count / (count - 1));
@@ -152,55 +162,27 @@ void forward_inference(const Shape& shape, const T* x, T* y, double eps, Affine<
   check_pointer(var, "var");
   const Index C = shape.channels;
   auto& ws = workspace(ex);
-  ws.coefs.resize(std::size_t(3 * C));
+  ws.coefs.resize(std::size_t(bnorm::detail::NormalizeOp::kCoefs * C));
   T* coef = ws.coefs.data();
   for (Index c = 0; c < C; ++c) {
     const double w = affine.weight ? double(affine.weight[c]) : 1.0;
     const double b = affine.bias ? double(affine.bias[c]) : 0.0;
     const double scale = w / std::sqrt(double(var[c]) + eps);
-    coef[c] = T(0);
-    coef[C + c] = T(scale);
-    coef[2 * C + c] = T(b - double(mean[c]) * scale);
+    coef[c] = coef[C + c] = T(0);
+    coef[2 * C + c] = T(scale);
+    coef[3 * C + c] = T(b - double(mean[c]) * scale);
   }
   bnorm::detail::apply_all<bnorm::detail::NormalizeOp>(
       geometry(shape), bnorm::detail::Streams<T, 1>{{x}, y, copy_of_x}, coef, ex.device);
 }
 
-}  // namespace detail
-
-/// Training forward: normalizes x into y with the batch's own statistics, writes them to `stats`
-/// and updates `running`. y may be x (in place).
+/// backward with the mean in double (the module keeps the forward's unrounded mean).
 template <class T>
-void forward_training(const Shape& shape, const T* x, T* y, double eps, Affine<T> affine = {},
-                      BatchStats<T> stats = {}, Running<T> running = {},
-                      const Execution<T>& ex = {}) {
-  detail::forward_training<T>(shape, x, y, eps, affine, stats, running, ex, nullptr);
-}
-
-/// Inference forward: normalizes x into y with the given statistics (usually the running ones),
-/// folded with weight and bias into one scale and shift per channel. y may be x.
-template <class T>
-void forward_inference(const Shape& shape, const T* x, T* y, double eps, Affine<T> affine,
-                       const T* mean, const T* var, const Execution<T>& ex = {}) {
-  detail::forward_inference<T>(shape, x, y, eps, affine, mean, var, ex, nullptr);
-}
-
-/// Which statistics the forward used, and so which gradient backward computes.
-enum class Statistics {
-  Batch,   ///< training: mean and invstd depend on x, so dx has the two reduction terms
-  Frozen,  ///< inference: constant statistics, dx = dy * weight * invstd
-};
-
-/// Backward: dx from dy, and the parameter gradients (OVERWRITTEN, each may be null):
-/// grad_bias = sum(dy), grad_weight = sum(dy * (x - mean)) * invstd, per channel.
-/// mean and invstd are what the forward used: BatchStats for Statistics::Batch, or the running
-/// mean and 1 / sqrt(running_var + eps) for Statistics::Frozen. dx may alias dy.
-template <class T>
-void backward(const Shape& shape, const T* dy, const T* x, T* dx, Statistics kind, const T* mean,
-              const T* invstd, const T* weight, T* grad_weight, T* grad_bias,
-              const Execution<T>& ex = {}) {
+void backward(const Shape& shape, const T* dy, const T* x, T* dx, Statistics kind,
+              const double* mean, const T* invstd, const T* weight, T* grad_weight, T* grad_bias,
+              const Execution<T>& ex) {
   using namespace bnorm::detail;
-  detail::check_shape(shape);
+  check_shape(shape);
   const Index C = shape.channels;
   if (shape.size() == 0) {
     for (Index c = 0; c < C; ++c) {
@@ -209,14 +191,13 @@ void backward(const Shape& shape, const T* dy, const T* x, T* dx, Statistics kin
     }
     return;
   }
-  detail::check_pointer(dy, "dy");
-  detail::check_pointer(x, "x");
-  detail::check_pointer(dx, "dx");
-  detail::check_pointer(mean, "mean");
-  detail::check_pointer(invstd, "invstd");
-  const Geometry g = detail::geometry(shape);
-  auto& ws = detail::workspace(ex);
-  ws.centers.assign(mean, mean + C);
+  check_pointer(dy, "dy");
+  check_pointer(x, "x");
+  check_pointer(dx, "dx");
+  check_pointer(mean, "mean");
+  check_pointer(invstd, "invstd");
+  const Geometry g = geometry(shape);
+  auto& ws = workspace(ex);
   const T* in[] = {dy, x};
   const double count = double(shape.per_channel());
   auto grads = [&](Index c, const Partial& sums) {
@@ -232,30 +213,63 @@ void backward(const Shape& shape, const T* dy, const T* x, T* dx, Statistics kin
       grads(c, sums);
       const double k = scale_of(c), is = double(invstd[c]);
       coef[c] = T(k);
-      coef[C + c] = mean[c];
-      coef[2 * C + c] = T(-k * is * is * sums.b / count);
-      coef[3 * C + c] = T(-k * sums.a / count);
+      split_mean(Partial{1, 0, 0, mean[c]}, coef[C + c], coef[2 * C + c]);
+      coef[3 * C + c] = T(-k * is * is * sums.b / count);
+      coef[4 * C + c] = T(-k * sums.a / count);
     };
-    reduce_then_apply<InputGradOp, GradientSums>(g, in, ws.centers.data(), merge_sums, finish,
+    reduce_then_apply<InputGradOp, GradientSums>(g, in, mean, merge_sums, finish,
                                                  Streams<T, 2>{{dy, x}, dx}, ws, ex.device);
     return;
   }
   // Frozen statistics: dx = dy * weight * invstd; the sums are only needed for the gradients.
   auto finish = [&](Index c, const Partial& sums, T* coef) {
     grads(c, sums);
-    coef[c] = T(0);
-    coef[C + c] = T(scale_of(c));
-    coef[2 * C + c] = T(0);
+    coef[c] = coef[C + c] = coef[3 * C + c] = T(0);
+    coef[2 * C + c] = T(scale_of(c));
   };
   const Streams<T, 1> s{{dy}, dx};
   if (grad_weight || grad_bias) {
-    reduce_then_apply<NormalizeOp, GradientSums>(g, in, ws.centers.data(), merge_sums, finish, s,
-                                                 ws, ex.device);
+    reduce_then_apply<NormalizeOp, GradientSums>(g, in, mean, merge_sums, finish, s, ws,
+                                                 ex.device);
     return;
   }
-  ws.coefs.resize(std::size_t(3 * C));
+  ws.coefs.resize(std::size_t(NormalizeOp::kCoefs * C));
   for (Index c = 0; c < C; ++c) finish(c, Partial{}, ws.coefs.data());
   apply_all<NormalizeOp>(g, s, ws.coefs.data(), ex.device);
+}
+
+}  // namespace detail
+
+/// Training forward: normalizes x into y with the batch's own statistics, writes them to `stats`
+/// and updates `running`. y may be x (in place).
+template <class T>
+void forward_training(const Shape& shape, const T* x, T* y, double eps, Affine<T> affine = {},
+                      BatchStats<T> stats = {}, Running<T> running = {},
+                      const Execution<T>& ex = {}) {
+  detail::forward_training<T>(shape, x, y, eps, affine, stats, running, ex, nullptr, nullptr);
+}
+
+/// Inference forward: normalizes x into y with the given statistics (usually the running ones),
+/// folded with weight and bias into one scale and shift per channel. y may be x.
+template <class T>
+void forward_inference(const Shape& shape, const T* x, T* y, double eps, Affine<T> affine,
+                       const T* mean, const T* var, const Execution<T>& ex = {}) {
+  detail::forward_inference<T>(shape, x, y, eps, affine, mean, var, ex, nullptr);
+}
+
+/// Backward: dx from dy, and the parameter gradients (OVERWRITTEN, each may be null):
+/// grad_bias = sum(dy), grad_weight = sum(dy * (x - mean)) * invstd, per channel.
+/// mean and invstd are what the forward used: BatchStats for Statistics::Batch, or the running
+/// mean and 1 / sqrt(running_var + eps) for Statistics::Frozen. dx may alias dy.
+template <class T>
+void backward(const Shape& shape, const T* dy, const T* x, T* dx, Statistics kind, const T* mean,
+              const T* invstd, const T* weight, T* grad_weight, T* grad_bias,
+              const Execution<T>& ex = {}) {
+  detail::check_pointer(mean, "mean");
+  auto& ws = detail::workspace(ex);
+  ws.centers.assign(mean, mean + std::max<Index>(shape.channels, 0));
+  detail::backward(shape, dy, x, dx, kind, ws.centers.data(), invstd, weight, grad_weight,
+                   grad_bias, ex);
 }
 
 }  // namespace bnorm::functional

@@ -44,20 +44,24 @@ struct Geometry {
 };
 
 /// A block's (or a channel's) reduction: count and two accumulated quantities. For moments,
-/// a = mean and b = M2 (sum of squared deviations); for gradients, a = sum(dy) and
-/// b = sum(dy * (x - center)).
+/// the mean is shift + a (kept as two doubles: a double alone holds a mean 1e8 times the spread
+/// to only 1e-8 of the spread, and merging such means would lose the variance) and b = M2, the
+/// sum of squared deviations. For gradients, a = sum(dy) and b = sum(dy * (x - center)).
 struct Partial {
-  double n = 0, a = 0, b = 0;
+  double n = 0, a = 0, b = 0, shift = 0;
+
+  double mean() const { return shift + a; }
 };
 
-/// Chan et al.'s pairwise update: moments of the union of two disjoint sets.
+/// Chan et al.'s pairwise update: moments of the union of two disjoint sets. The shifts are
+/// near each other, so their difference is exact and delta keeps the offsets' precision.
 inline Partial merge_moments(const Partial& x, const Partial& y) {
-  const double n = x.n + y.n;
   if (y.n == 0) return x;
   if (x.n == 0) return y;
-  const double delta = y.a - x.a;
+  const double n = x.n + y.n;
+  const double delta = (y.shift - x.shift) + (y.a - x.a);
   const double share = y.n / n;
-  return {n, x.a + delta * share, x.b + y.b + delta * delta * x.n * share};
+  return {n, x.a + delta * share, x.b + y.b + delta * delta * x.n * share, x.shift};
 }
 
 inline Partial merge_sums(const Partial& x, const Partial& y) {
@@ -185,7 +189,7 @@ Partial step_sums_along(const T* const* in, Index stride, Index runs, Index len,
 /// Moments of a centered pass: mean = center + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n.
 inline Partial centered_to_moments(const Partial& s, double center) {
   if (s.n == 0) return {};
-  return {s.n, center + s.a / s.n, std::max(0.0, s.b - s.a * s.a / s.n)};
+  return {s.n, s.a / s.n, std::max(0.0, s.b - s.a * s.a / s.n), center};
 }
 
 /// Moments of one ALONG block: a pass in T for a shift near the mean, then the centered pass in
@@ -196,7 +200,8 @@ Partial moments_along(const T* x, Index stride, Index runs, Index len) {
   const double n = double(runs * len);
   double shift = plain_sum_along(x, stride, runs, len) / n;
   if (!std::isfinite(shift)) {  // T overflowed (values near T's max) or the data is not finite
-    shift = centered_to_moments(step_sums_along<CenteredSums>(&x, stride, runs, len, 0.0), 0.0).a;
+    shift = centered_to_moments(step_sums_along<CenteredSums>(&x, stride, runs, len, 0.0), 0.0)
+                .mean();
     if (!std::isfinite(shift)) shift = 0;
   }
   return centered_to_moments(step_sums_along<CenteredSums>(&x, stride, runs, len, shift), shift);
@@ -292,25 +297,33 @@ void step_sums_across_column(const T* const* in, Index channels, Index rows, con
 // Step 3: elementwise passes. An Op maps kInputs input packets and kCoefs per-channel
 // coefficient packets to one output packet.
 
-/// y = (x - k0) * k1 + k2. Training: k0 = mean, k1 = weight * invstd, k2 = bias. Subtracting the
-/// mean first keeps y exact when the mean is large next to the spread. Inference folds all into
-/// k0 = 0, k1 = scale, k2 = shift.
+/// y = ((x - k0) - k1) * k2 + k3. Training: k0 + k1 = the mean as a double split into two T
+/// (high and low part), k2 = weight * invstd, k3 = bias. x - k0 is exact for x near the mean,
+/// so y keeps full precision however large the mean is next to the spread; rounding the mean
+/// to one T would cost |mean| / spread ulps. Inference folds everything into k2 and k3.
 struct NormalizeOp {
-  static constexpr int kInputs = 1, kCoefs = 3;
+  static constexpr int kInputs = 1, kCoefs = 4;
   template <class P>
   static P apply(const P* in, const P* k) {
-    return ei::pmadd(ei::psub(in[0], k[0]), k[1], k[2]);
+    return ei::pmadd(ei::psub(ei::psub(in[0], k[0]), k[1]), k[2], k[3]);
   }
 };
 
-/// dx = dy * k0 + (x - k1) * k2 + k3. Inputs: {dy, x}.
+/// dx = dy * k0 + ((x - k1) - k2) * k3 + k4, k1 + k2 the mean split as above. Inputs: {dy, x}.
 struct InputGradOp {
-  static constexpr int kInputs = 2, kCoefs = 4;
+  static constexpr int kInputs = 2, kCoefs = 5;
   template <class P>
   static P apply(const P* in, const P* k) {
-    return ei::pmadd(in[0], k[0], ei::pmadd(ei::psub(in[1], k[1]), k[2], k[3]));
+    return ei::pmadd(in[0], k[0], ei::pmadd(ei::psub(ei::psub(in[1], k[1]), k[2]), k[3], k[4]));
   }
 };
+
+/// Writes the mean of `m` as two T whose sum is the mean to about twice T's precision.
+template <class T>
+inline void split_mean(const Partial& m, T& high, T& low) {
+  high = T(m.mean());
+  low = T((m.shift - double(high)) + m.a);
+}
 
 /// Where an elementwise pass reads and writes. `copy`, when set, receives a copy of input 0
 /// (the module keeps its input for backward this way without a second read).

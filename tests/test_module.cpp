@@ -1,0 +1,353 @@
+// The modules' semantics against the reference module (PyTorch's rules written out plainly):
+// every accepted rank and layout, every option, train and eval, running statistics, gradient
+// accumulation; then bad input: a clear std::invalid_argument and the module exactly as before.
+
+#include <sstream>
+
+#include "util.hpp"
+
+using bnorm::Layout;
+using testing::Index;
+
+namespace {
+
+template <class T>
+std::vector<double> values(const Eigen::Tensor<T, 1>& t) {
+  return std::vector<double>(t.data(), t.data() + t.size());
+}
+
+template <class T>
+std::vector<T> raw(const Eigen::Tensor<T, 1>& t) {
+  return std::vector<T>(t.data(), t.data() + t.size());
+}
+
+/// Runs a sequence of steps on a module and on the reference, comparing everything after each.
+template <class Module, int Rank>
+void compare_sequence(const std::array<Index, Rank>& dims, const bnorm::Options& opt,
+                      int workers) {
+  using T = typename Module::Vector::Scalar;
+  const bool last = opt.layout == Layout::ChannelsLast;
+  const Index C = last ? dims[Rank - 1] : dims[1];
+  Index spatial = 1;
+  for (int i = 1; i < Rank; ++i)
+    if (i != (last ? Rank - 1 : 1)) spatial *= dims[std::size_t(i)];
+  const reference::Shape sh{dims[0], C, spatial, opt.layout};
+
+  Module bn(C, opt);
+  reference::Module ref(C, opt);
+  if (opt.affine) {
+    const auto w = testing::random_vector<T>(C, 0.5, 2.0), b = testing::random_vector<T>(C, -1, 1);
+    for (Index c = 0; c < C; ++c) {
+      bn.weight()(c) = w[c];
+      bn.bias()(c) = b[c];
+      ref.weight[c] = w[c];
+      ref.bias[c] = b[c];
+    }
+  }
+  testing::Pool pool(workers);
+  Eigen::array<Eigen::Index, Rank> edims;
+  std::copy(dims.begin(), dims.end(), edims.begin());
+  const char* modes[] = {"train", "train", "eval", "train", "eval"};
+  for (const char* mode : modes) {
+    INFO("step " << mode);
+    const bool training = std::string(mode) == "train";
+    bn.train(training);
+    ref.training = training;
+    const auto x = testing::random_input<T>(sh), dy = testing::random_input<T>(sh, 1.0);
+    const auto expected = ref.step(sh, x, dy);
+
+    Eigen::TensorMap<const Eigen::Tensor<T, Rank, Eigen::RowMajor>> xm(x.data(), edims);
+    Eigen::TensorMap<const Eigen::Tensor<T, Rank, Eigen::RowMajor>> dym(dy.data(), edims);
+    Eigen::Tensor<T, Rank, Eigen::RowMajor> y, dx;
+    if (workers > 0) {
+      y = bn.forward(xm, *pool.device);
+      dx = bn.backward(dym, *pool.device);
+    } else {
+      y = bn.forward(xm);
+      dx = bn.backward(dym);
+    }
+    CHECK(y.dimensions() == xm.dimensions());
+    testing::check_close(std::vector<T>(y.data(), y.data() + y.size()), expected.y, "y");
+    testing::check_close(std::vector<T>(dx.data(), dx.data() + dx.size()), expected.dx, "dx");
+    testing::check_close(raw(bn.grad_weight()), ref.grad_weight, "grad_weight");
+    testing::check_close(raw(bn.grad_bias()), ref.grad_bias, "grad_bias");
+    testing::check_close(raw(bn.running_mean()), ref.running_mean, "running_mean");
+    testing::check_close(raw(bn.running_var()), ref.running_var, "running_var");
+    CHECK(bn.num_batches_tracked() == ref.num_batches_tracked);
+    CHECK(bn.is_training() == training);
+  }
+}
+
+std::vector<bnorm::Options> option_sets(Layout layout) {
+  std::vector<bnorm::Options> sets;
+  for (bool affine : {true, false})
+    for (bool track : {true, false})
+      for (std::optional<double> momentum : {std::optional<double>(0.1), std::optional<double>()}) {
+        if (!track && !momentum) continue;
+        bnorm::Options o;
+        o.affine = affine;
+        o.track_running_stats = track;
+        o.momentum = momentum;
+        o.eps = affine ? 1e-5 : 1e-3;
+        o.layout = layout;
+        sets.push_back(o);
+      }
+  return sets;
+}
+
+std::string describe(const bnorm::Options& o) {
+  std::ostringstream s;
+  s << "affine " << o.affine << ", track " << o.track_running_stats << ", momentum "
+    << (o.momentum ? std::to_string(*o.momentum) : "none") << ", eps " << o.eps << ", "
+    << (o.layout == Layout::ChannelsFirst ? "ChannelsFirst" : "ChannelsLast");
+  return s.str();
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("every module, rank, layout and option set follows PyTorch's rules",
+                   "[module]", float, double) {
+  using T = TestType;
+  for (Layout layout : {Layout::ChannelsFirst, Layout::ChannelsLast}) {
+    for (const auto& opt : option_sets(layout)) {
+      INFO(describe(opt));
+      const bool last = layout == Layout::ChannelsLast;
+      for (int workers : {0, 2}) {
+        INFO("workers " << workers);
+        compare_sequence<bnorm::BatchNorm1d<T>, 2>({9, 5}, opt, workers);
+        compare_sequence<bnorm::BatchNorm1d<T>, 3>(last ? std::array<Index, 3>{3, 7, 5}
+                                                        : std::array<Index, 3>{3, 5, 7},
+                                                   opt, workers);
+        compare_sequence<bnorm::BatchNorm2d<T>, 4>(last ? std::array<Index, 4>{2, 3, 5, 3}
+                                                        : std::array<Index, 4>{2, 3, 3, 5},
+                                                   opt, workers);
+        compare_sequence<bnorm::BatchNorm3d<T>, 5>(last ? std::array<Index, 5>{2, 1, 3, 5, 4}
+                                                        : std::array<Index, 5>{2, 4, 1, 3, 5},
+                                                   opt, workers);
+      }
+    }
+  }
+}
+
+TEST_CASE("accessors, resets and gradient accumulation", "[module]") {
+  bnorm::BatchNorm2d<double> bn(3);
+  CHECK(bn.num_features() == 3);
+  CHECK(bn.options().momentum == 0.1);
+  CHECK(bnorm::BatchNorm1d<float>::name() == "BatchNorm1d");
+  CHECK(bnorm::BatchNorm3d<float>::name() == "BatchNorm3d");
+  CHECK(values(bn.weight()) == std::vector<double>(3, 1.0));
+  CHECK(values(bn.bias()) == std::vector<double>(3, 0.0));
+  CHECK(values(bn.running_var()) == std::vector<double>(3, 1.0));
+
+  Eigen::Tensor<double, 4, Eigen::RowMajor> x(2, 3, 2, 2), dy(2, 3, 2, 2);
+  x.setRandom();
+  dy.setRandom();
+  bn.forward(x);
+  bn.backward(dy);
+  const auto once = values(bn.grad_weight());
+  bn.forward(x);
+  bn.backward(dy);
+  for (std::size_t c = 0; c < 3; ++c) CHECK(bn.grad_weight()(c) == Approx(2 * once[c]));
+  CHECK(bn.num_batches_tracked() == 2);
+
+  bn.zero_grad();
+  CHECK(values(bn.grad_weight()) == std::vector<double>(3, 0.0));
+  bn.weight().setConstant(4.0);
+  bn.reset_running_stats();
+  CHECK(bn.num_batches_tracked() == 0);
+  CHECK(values(bn.running_mean()) == std::vector<double>(3, 0.0));
+  CHECK(values(bn.weight()) == std::vector<double>(3, 4.0));
+  bn.forward(x);
+  bn.reset_parameters();
+  CHECK(values(bn.weight()) == std::vector<double>(3, 1.0));
+  CHECK(bn.num_batches_tracked() == 0);
+}
+
+TEST_CASE("caller-owned outputs, in-place forward and TensorMap inputs", "[module]") {
+  bnorm::Options opt;
+  opt.layout = Layout::ChannelsLast;
+  bnorm::BatchNorm2d<float> a(4, opt), b(4, opt);
+  Eigen::Tensor<float, 4, Eigen::RowMajor> x(3, 5, 2, 4);
+  x.setRandom();
+  const Eigen::Tensor<float, 4, Eigen::RowMajor> y = a.forward(x);
+
+  std::vector<float> buffer(std::size_t(x.size()));
+  std::copy(x.data(), x.data() + x.size(), buffer.begin());
+  Eigen::TensorMap<Eigen::Tensor<float, 4, Eigen::RowMajor>> inplace(buffer.data(), 3, 5, 2, 4);
+  b.forward(inplace, inplace);
+  CHECK(std::equal(buffer.begin(), buffer.end(), y.data()));
+  CHECK(raw(a.running_var()) == raw(b.running_var()));
+
+  // Backward after an in-place forward still sees the original input.
+  Eigen::Tensor<float, 4, Eigen::RowMajor> dy(3, 5, 2, 4);
+  dy.setRandom();
+  const Eigen::Tensor<float, 4, Eigen::RowMajor> dxa = a.backward(dy);
+  std::vector<float> dxb(buffer.size());
+  b.backward(dy, Eigen::TensorMap<Eigen::Tensor<float, 4, Eigen::RowMajor>>(dxb.data(), 3, 5, 2, 4));
+  CHECK(std::equal(dxb.begin(), dxb.end(), dxa.data()));
+}
+
+// ----------------------------------------------------------------------------------------------
+// Bad input: a clear error, and the module exactly as it was.
+
+namespace {
+
+/// Everything observable about a module, including what it saved for backward (seen through
+/// the dx a backward produces).
+template <class Module, int Rank>
+struct Snapshot {
+  std::vector<float> weight, bias, running_mean, running_var, grad_weight, grad_bias, dx;
+  std::int64_t batches;
+
+  Snapshot(Module bn, const Eigen::Tensor<float, Rank, Eigen::RowMajor>& dy)  // a copy
+      : weight(raw(bn.weight())), bias(raw(bn.bias())), running_mean(raw(bn.running_mean())),
+        running_var(raw(bn.running_var())), grad_weight(raw(bn.grad_weight())),
+        grad_bias(raw(bn.grad_bias())), batches(bn.num_batches_tracked()) {
+    const Eigen::Tensor<float, Rank, Eigen::RowMajor> d = bn.backward(dy);
+    dx.assign(d.data(), d.data() + d.size());
+  }
+  bool operator==(const Snapshot& o) const {
+    return weight == o.weight && bias == o.bias && running_mean == o.running_mean &&
+           running_var == o.running_var && grad_weight == o.grad_weight &&
+           grad_bias == o.grad_bias && dx == o.dx && batches == o.batches;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("bad input throws a clear error and changes nothing", "[module][errors]") {
+  using BN = bnorm::BatchNorm2d<float>;
+  BN bn(3);
+  Eigen::Tensor<float, 4, Eigen::RowMajor> x(4, 3, 2, 5), dy(4, 3, 2, 5);
+  x.setRandom();
+  dy.setRandom();
+  bn.forward(x);
+  bn.backward(dy);
+  bn.forward(x);
+  const Snapshot<BN, 4> before(bn, dy);
+  auto unchanged = [&] { CHECK(Snapshot<BN, 4>(bn, dy) == before); };
+
+  SECTION("wrong rank") {
+    Eigen::Tensor<float, 3, Eigen::RowMajor> bad(4, 3, 10);
+    bad.setRandom();
+    CHECK_THROWS_AS(bn.forward(bad), std::invalid_argument);
+    CHECK_THROWS_WITH(bn.forward(bad),
+                      "bnorm::BatchNorm2d: expected 4D input (got 3D input)");
+    bnorm::BatchNorm1d<float> one(3);
+    Eigen::Tensor<float, 4, Eigen::RowMajor> four(2, 3, 1, 1);
+    CHECK_THROWS_WITH(one.forward(four), Catch::Contains("expected 2D or 3D input (got 4D input)"));
+  }
+  SECTION("wrong channel count, either layout") {
+    Eigen::Tensor<float, 4, Eigen::RowMajor> bad(4, 2, 2, 5);
+    bad.setRandom();
+    CHECK_THROWS_WITH(bn.forward(bad), Catch::Contains("expected 3 channels in dimension 1") &&
+                                           Catch::Contains("got input of shape [4, 2, 2, 5]"));
+    bnorm::Options opt;
+    opt.layout = Layout::ChannelsLast;
+    BN last(3, opt);
+    CHECK_THROWS_WITH(last.forward(x), Catch::Contains("expected 3 channels in dimension 3 (ChannelsLast)"));
+    CHECK(last.num_batches_tracked() == 0);
+  }
+  SECTION("one value per channel in training: PyTorch's message, nothing counted") {
+    Eigen::Tensor<float, 4, Eigen::RowMajor> single(1, 3, 1, 1);
+    single.setRandom();
+    CHECK_THROWS_WITH(bn.forward(single),
+                      "bnorm::BatchNorm2d: Expected more than 1 value per channel when training, "
+                      "got input size [1, 3, 1, 1]");
+    BN evaluating = bn;
+    evaluating.eval();
+    CHECK_NOTHROW(evaluating.forward(single));  // eval with running statistics is fine
+    bnorm::Options opt;
+    opt.track_running_stats = false;
+    BN batch_only(3, opt);
+    batch_only.eval();
+    CHECK_THROWS_AS(batch_only.forward(single), std::invalid_argument);
+  }
+  SECTION("caller-owned output of another shape") {
+    Eigen::Tensor<float, 4, Eigen::RowMajor> y(4, 3, 5, 2);
+    CHECK_THROWS_WITH(bn.forward(x, y), Catch::Contains("expected an output of shape [4, 3, 2, 5], got [4, 3, 5, 2]"));
+  }
+  SECTION("dy of another shape, dx of another shape") {
+    Eigen::Tensor<float, 4, Eigen::RowMajor> other(4, 3, 5, 2);
+    other.setRandom();
+    CHECK_THROWS_WITH(bn.backward(other), Catch::Contains("expected dy of the last forward's input shape [4, 3, 2, 5], got [4, 3, 5, 2]"));
+    CHECK_THROWS_WITH(bn.backward(dy, other), Catch::Contains("expected dx of shape"));
+  }
+  SECTION("parameters resized through the accessors") {
+    bn.weight().resize(2);
+    CHECK_THROWS_WITH(bn.forward(x), Catch::Contains("weight has 2 values, expected 3"));
+    CHECK_THROWS_WITH(bn.backward(dy), Catch::Contains("weight has 2 values, expected 3"));
+    bn.weight().resize(3);
+    bn.weight().setValues({before.weight[0], before.weight[1], before.weight[2]});
+    bn.running_var().resize(7);
+    CHECK_THROWS_WITH(bn.forward(x), Catch::Contains("running_var has 7 values, expected 3"));
+    bn.running_var().resize(3);
+    bn.running_var().setValues({before.running_var[0], before.running_var[1], before.running_var[2]});
+  }
+  SECTION("non-finite input with check_finite") {
+    bnorm::Options opt;
+    opt.check_finite = true;
+    BN strict(3, opt);
+    Eigen::Tensor<float, 4, Eigen::RowMajor> bad = x;
+    bad(1, 2, 0, 3) = std::numeric_limits<float>::quiet_NaN();
+    CHECK_THROWS_WITH(strict.forward(bad), Catch::Contains("non-finite"));
+    CHECK(strict.num_batches_tracked() == 0);
+    CHECK(raw(strict.running_mean()) == std::vector<float>(3, 0.f));
+  }
+  unchanged();
+}
+
+TEST_CASE("bad options and misuse order", "[module][errors]") {
+  bnorm::Options opt;
+  opt.eps = -1;
+  CHECK_THROWS_WITH(bnorm::BatchNorm2d<float>(3, opt), Catch::Contains("expected eps finite and >= 0"));
+  opt.eps = std::numeric_limits<double>::infinity();
+  CHECK_THROWS_AS(bnorm::BatchNorm2d<float>(3, opt), std::invalid_argument);
+  opt.eps = 1e-5;
+  opt.momentum = 1.5;
+  CHECK_THROWS_WITH(bnorm::BatchNorm2d<float>(3, opt), Catch::Contains("momentum in [0, 1]"));
+  opt.momentum = std::numeric_limits<double>::quiet_NaN();
+  CHECK_THROWS_AS(bnorm::BatchNorm2d<float>(3, opt), std::invalid_argument);
+  CHECK_THROWS_WITH(bnorm::BatchNorm1d<double>(0), Catch::Contains("expected num_features >= 1, got 0"));
+
+  bnorm::BatchNorm1d<double> bn(2);
+  Eigen::Tensor<double, 2, Eigen::RowMajor> dy(3, 2);
+  dy.setZero();
+  CHECK_THROWS_AS(bn.backward(dy), std::logic_error);
+  CHECK_THROWS_WITH(bn.backward(dy), Catch::Contains("backward called before any forward"));
+}
+
+TEST_CASE("an empty batch returns an empty output and changes nothing", "[module]") {
+  bnorm::BatchNorm2d<float> bn(3);
+  Eigen::Tensor<float, 4, Eigen::RowMajor> empty(0, 3, 4, 4);
+  const auto y = bn.forward(empty);
+  CHECK(y.size() == 0);
+  CHECK(bn.num_batches_tracked() == 0);
+  CHECK(raw(bn.running_var()) == std::vector<float>(3, 1.f));
+}
+
+TEST_CASE("NaN in one channel leaves the other channels untouched", "[module]") {
+  for (Layout layout : {Layout::ChannelsFirst, Layout::ChannelsLast}) {
+    const bool last = layout == Layout::ChannelsLast;
+    bnorm::Options opt;
+    opt.layout = layout;
+    bnorm::BatchNorm1d<float> clean(4, opt), dirty(4, opt);
+    // (N, C, L) = (5, 4, 6) or (N, L, C) = (5, 6, 4)
+    Eigen::Tensor<float, 3, Eigen::RowMajor> x(5, last ? 6 : 4, last ? 4 : 6);
+    x.setRandom();
+    Eigen::Tensor<float, 3, Eigen::RowMajor> bad = x;
+    auto channel = [&](Index i, Index j) { return last ? j : i; };
+    (last ? bad(1, 3, 2) : bad(1, 2, 3)) = std::numeric_limits<float>::quiet_NaN();
+    const auto y = clean.forward(x), yb = dirty.forward(bad);
+    for (Index n = 0; n < 5; ++n)
+      for (Index i = 0; i < x.dimension(1); ++i)
+        for (Index j = 0; j < x.dimension(2); ++j) {
+          if (channel(i, j) == 2) CHECK(std::isnan(yb(n, i, j)));
+          else CHECK(y(n, i, j) == yb(n, i, j));
+        }
+    for (Index c = 0; c < 4; ++c) {
+      if (c == 2) CHECK(std::isnan(dirty.running_mean()(c)));
+      else CHECK(dirty.running_mean()(c) == clean.running_mean()(c));
+    }
+  }
+}
