@@ -72,7 +72,7 @@ inline Partial merge_sums(const Partial& x, const Partial& y) {
 struct Blocking {
   // ALONG (inner > 1): block b of a channel covers rows [first_row, first_row + rows) of that
   // channel, and within each row the elements [first, first + len) of the inner run.
-  static constexpr Index kAlongElems = 4096;  // 16 KiB of floats: pass two reads from L1
+  static constexpr Index kAlongElems = 2048;  // 8 KiB of floats: pass two reads from L1
   // ACROSS (inner == 1): block b covers rows [b * rows, ...) of every channel.
   static constexpr Index kAcrossElems = Index{1} << 17;  // 512 KiB of floats: L2-resident
 
@@ -153,29 +153,29 @@ struct CenteredSums {
 };
 
 /// Sums of Step's two quantities in double over runs of one channel (ALONG).
-/// in[k] points at run 0 of input k; runs are `stride` apart.
+/// in[k] points at run 0 of input k; runs are `stride` apart. Four independent accumulators
+/// keep the adder pipeline busy and every chain of additions short (accuracy).
 template <class Step, class T>
 Partial step_sums_along(const T* const* in, Index stride, Index runs, Index len, double center) {
   using W = Wide;
   constexpr Index L = kWideLanes;
+  constexpr int U = 4;
   const W c = ei::pset1<W>(center);
-  W a0 = ei::pset1<W>(0.0), b0 = a0, a1 = a0, b1 = a0;
+  W a[U], b[U];
+  for (int u = 0; u < U; ++u) a[u] = b[u] = ei::pset1<W>(0.0);
   double at = 0, bt = 0;
   for (Index r = 0; r < runs; ++r) {
     const Index off = r * stride;
     Index i = 0;
-    W v0[Step::kInputs], v1[Step::kInputs];
-    for (; i + 2 * L <= len; i += 2 * L) {
-      for (int k = 0; k < Step::kInputs; ++k) {
-        v0[k] = load_wide(in[k] + off + i);
-        v1[k] = load_wide(in[k] + off + i + L);
-      }
-      Step::add(v0, c, a0, b0);
-      Step::add(v1, c, a1, b1);
+    W v[U][Step::kInputs];
+    for (; i + U * L <= len; i += U * L) {
+      for (int u = 0; u < U; ++u)
+        for (int k = 0; k < Step::kInputs; ++k) v[u][k] = load_wide(in[k] + off + i + u * L);
+      for (int u = 0; u < U; ++u) Step::add(v[u], c, a[u], b[u]);
     }
-    for (; i + L <= len; i += L) {
-      for (int k = 0; k < Step::kInputs; ++k) v0[k] = load_wide(in[k] + off + i);
-      Step::add(v0, c, a0, b0);
+    for (int u = 0; i + L <= len; i += L, ++u) {
+      for (int k = 0; k < Step::kInputs; ++k) v[0][k] = load_wide(in[k] + off + i);
+      Step::add(v[0], c, a[u], b[u]);
     }
     for (; i < len; ++i) {
       double s[Step::kInputs];
@@ -183,7 +183,9 @@ Partial step_sums_along(const T* const* in, Index stride, Index runs, Index len,
       Step::add(s, center, at, bt);
     }
   }
-  return {double(runs * len), lane_sum(ei::padd(a0, a1)) + at, lane_sum(ei::padd(b0, b1)) + bt};
+  const W as = ei::padd(ei::padd(a[0], a[1]), ei::padd(a[2], a[3]));
+  const W bs = ei::padd(ei::padd(b[0], b[1]), ei::padd(b[2], b[3]));
+  return {double(runs * len), lane_sum(as) + at, lane_sum(bs) + bt};
 }
 
 /// Moments of a centered pass: mean = center + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n.
