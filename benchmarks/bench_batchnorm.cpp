@@ -1,0 +1,271 @@
+// Batch normalization kernels side by side, in one run: bnorm, a memcpy of the same bytes (the
+// roofline), a naive Eigen Tensor expression (what one writes by hand) and oneDNN's batch
+// normalization when it was found at configure time (BNORM_HAVE_DNNL).
+//
+// Names: <impl>/<pass>/<layout>/<shape>/t<threads>, pass in fwd_train, fwd_infer, bwd.
+// Rates are bytes moved per second: forward reads x and writes y (2 tensors), backward reads x
+// and dy and writes dx (3 tensors), memcpy reads and writes one. benchmarks/compare.py turns a
+// run into a table of ratios.
+
+#include <benchmark/benchmark.h>
+
+#include <bnorm/bnorm.hpp>
+
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#ifdef BNORM_HAVE_DNNL
+#include <omp.h>
+
+#include <oneapi/dnnl/dnnl.hpp>
+#endif
+
+namespace {
+
+using Index = std::ptrdiff_t;
+namespace fn = bnorm::functional;
+
+struct Case {
+  std::vector<Index> dims;  // PyTorch's channels-first dims
+  Index batch() const { return dims[0]; }
+  Index channels() const { return dims[1]; }
+  Index spatial() const {
+    Index s = 1;
+    for (std::size_t i = 2; i < dims.size(); ++i) s *= dims[i];
+    return s;
+  }
+  Index size() const { return batch() * channels() * spatial(); }
+  std::string name() const {
+    std::string s;
+    for (Index d : dims) s += (s.empty() ? "" : "x") + std::to_string(d);
+    return s;
+  }
+};
+
+const std::vector<Case>& cases() {
+  static const std::vector<Case> all = {
+      {{32, 64, 112, 112}}, {{32, 64, 56, 56}},  {{32, 256, 56, 56}}, {{32, 128, 28, 28}},
+      {{32, 512, 28, 28}},  {{32, 256, 14, 14}}, {{32, 1024, 14, 14}}, {{32, 512, 7, 7}},
+      {{32, 2048, 7, 7}},   {{4096, 1024}},      {{256, 512}},         {{64, 128, 100}},
+  };
+  return all;
+}
+
+/// Buffers of one case, filled once with data that has non-zero means.
+struct Data {
+  explicit Data(const Case& c)
+      : x(std::size_t(c.size())), y(x.size()), dy(x.size()), dx(x.size()),
+        weight(std::size_t(c.channels()), 1.5f), bias(weight.size(), 0.25f),
+        mean(weight.size()), invstd(weight.size()), running_mean(weight.size(), 0.f),
+        running_var(weight.size(), 1.f), grad_weight(weight.size()), grad_bias(weight.size()) {
+    std::mt19937 gen(42);
+    std::normal_distribution<float> normal(3.f, 2.f);
+    for (auto& v : x) v = normal(gen);
+    for (auto& v : dy) v = normal(gen) - 3.f;
+  }
+  std::vector<float> x, y, dy, dx, weight, bias, mean, invstd, running_mean, running_var,
+      grad_weight, grad_bias;
+};
+
+/// A thread pool per thread count, shared by every benchmark.
+const Eigen::ThreadPoolDevice* device(int threads) {
+  static Eigen::ThreadPool pool(2);
+  static Eigen::ThreadPoolDevice two(&pool, 2);
+  return threads == 1 ? nullptr : &two;
+}
+
+void report(benchmark::State& state, const Case& c, int tensors) {
+  state.SetBytesProcessed(int64_t(state.iterations()) * tensors * c.size() * int64_t(sizeof(float)));
+}
+
+void bnorm_bench(benchmark::State& state, const Case& c, bnorm::Layout layout,
+                 const std::string& pass, int threads) {
+  Data d(c);
+  const fn::Shape shape{c.batch(), c.channels(), c.spatial(), layout};
+  fn::Workspace<float> ws;
+  const fn::Execution<float> ex{device(threads), &ws};
+  fn::forward_training<float>(shape, d.x.data(), d.y.data(), 1e-5, {d.weight.data(), d.bias.data()},
+                              {d.mean.data(), d.invstd.data()}, {}, ex);
+  for (auto _ : state) {
+    if (pass == "fwd_train") {
+      fn::forward_training<float>(shape, d.x.data(), d.y.data(), 1e-5,
+                                  {d.weight.data(), d.bias.data()},
+                                  {d.mean.data(), d.invstd.data()},
+                                  {d.running_mean.data(), d.running_var.data(), 0.1}, ex);
+    } else if (pass == "fwd_infer") {
+      fn::forward_inference<float>(shape, d.x.data(), d.y.data(), 1e-5,
+                                   {d.weight.data(), d.bias.data()}, d.running_mean.data(),
+                                   d.running_var.data(), ex);
+    } else {
+      fn::backward<float>(shape, d.dy.data(), d.x.data(), d.dx.data(), fn::Statistics::Batch,
+                          d.mean.data(), d.invstd.data(), d.weight.data(), d.grad_weight.data(),
+                          d.grad_bias.data(), ex);
+    }
+    benchmark::ClobberMemory();
+  }
+  report(state, c, pass == "bwd" ? 3 : 2);
+}
+
+void memcpy_bench(benchmark::State& state, const Case& c, int threads) {
+  Data d(c);
+  const std::size_t bytes = d.x.size() * sizeof(float);
+  for (auto _ : state) {
+    if (threads == 1) {
+      std::memcpy(d.y.data(), d.x.data(), bytes);
+    } else {
+      Eigen::Barrier done(1);
+      const std::size_t half = d.x.size() / 2;
+      device(threads)->enqueueNoNotification([&] {
+        std::memcpy(d.y.data() + half, d.x.data() + half, (d.x.size() - half) * sizeof(float));
+        done.Notify();
+      });
+      std::memcpy(d.y.data(), d.x.data(), half * sizeof(float));
+      done.Wait();
+    }
+    benchmark::ClobberMemory();
+  }
+  report(state, c, 2);
+}
+
+/// What a user writes by hand with Eigen Tensor expressions (training forward, 1 thread).
+template <int Rank>
+void naive_eigen(benchmark::State& state, const Case& c, bnorm::Layout layout) {
+  Data d(c);
+  using Tensor = Eigen::Tensor<float, Rank, Eigen::RowMajor>;
+  Eigen::array<Index, Rank> dims, keep, grow;
+  const int cdim = layout == bnorm::Layout::ChannelsFirst ? 1 : Rank - 1;
+  Eigen::array<Index, Rank - 1> reduce;
+  for (int i = 0, r = 0; i < Rank; ++i) {
+    // channels-last dims: N, spatial..., C
+    const Index size = layout == bnorm::Layout::ChannelsFirst ? c.dims[std::size_t(i)]
+                       : i == 0                               ? c.dims[0]
+                       : i == Rank - 1                        ? c.dims[1]
+                                                              : c.dims[std::size_t(i + 1)];
+    dims[std::size_t(i)] = size;
+    keep[std::size_t(i)] = i == cdim ? size : 1;
+    grow[std::size_t(i)] = i == cdim ? 1 : size;
+    if (i != cdim) reduce[std::size_t(r++)] = i;
+  }
+  Eigen::TensorMap<const Tensor> x(d.x.data(), dims);
+  Eigen::TensorMap<Tensor> y(d.y.data(), dims);
+  Eigen::TensorMap<const Eigen::Tensor<float, 1, Eigen::RowMajor>> w(d.weight.data(), c.channels()),
+      b(d.bias.data(), c.channels());
+  for (auto _ : state) {
+    const Eigen::Tensor<float, 1, Eigen::RowMajor> mean = x.mean(reduce);
+    const auto centered = x - mean.reshape(keep).broadcast(grow);
+    const Eigen::Tensor<float, 1, Eigen::RowMajor> var = centered.square().mean(reduce);
+    const Eigen::Tensor<float, 1, Eigen::RowMajor> scale = w * (var + 1e-5f).rsqrt();
+    y = centered * scale.reshape(keep).broadcast(grow) + b.reshape(keep).broadcast(grow);
+    benchmark::ClobberMemory();
+  }
+  report(state, c, 2);
+}
+
+#ifdef BNORM_HAVE_DNNL
+void dnnl_bench(benchmark::State& state, const Case& c, const std::string& layout,
+                const std::string& pass, int threads) {
+  using namespace dnnl;
+  using tag = memory::format_tag;
+  omp_set_num_threads(threads);
+  const engine eng(engine::kind::cpu, 0);
+  stream strm(eng);
+  const memory::dims dims(c.dims.begin(), c.dims.end());
+  const std::size_t rank = c.dims.size();
+  tag t = tag::undef;
+  if (layout == "NCHW") t = rank == 2 ? tag::nc : rank == 3 ? tag::ncw : tag::nchw;
+  if (layout == "NHWC") t = rank == 2 ? tag::nc : rank == 3 ? tag::nwc : tag::nhwc;
+  if (layout == "nChw16c") t = rank == 3 ? tag::nCw16c : tag::nChw16c;
+  const memory::desc md(dims, memory::data_type::f32, t);
+  const auto flags = normalization_flags::use_scale_shift;
+  Data d(c);
+  std::vector<float> scale_shift(std::size_t(2 * c.channels()), 1.f);
+  memory src(md, eng, d.x.data()), dst(md, eng, d.y.data()), diff_dst(md, eng, d.dy.data()),
+      diff_src(md, eng, d.dx.data());
+  const batch_normalization_forward::primitive_desc train_pd(
+      {prop_kind::forward_training, md, 1e-5f, flags}, eng);
+  memory mean(train_pd.mean_desc(), eng, d.mean.data()),
+      var(train_pd.variance_desc(), eng, d.invstd.data()),
+      ss(train_pd.weights_desc(), eng, scale_shift.data());
+  std::vector<float> diff_ss_data(scale_shift.size());
+  memory diff_ss(train_pd.weights_desc(), eng, diff_ss_data.data());
+  const batch_normalization_forward train(train_pd);
+  const std::unordered_map<int, memory> train_args = {
+      {DNNL_ARG_SRC, src}, {DNNL_ARG_DST, dst}, {DNNL_ARG_MEAN, mean},
+      {DNNL_ARG_VARIANCE, var}, {DNNL_ARG_SCALE_SHIFT, ss}};
+  train.execute(strm, train_args);
+  strm.wait();
+
+  std::function<void()> run;
+  primitive prim;
+  std::unordered_map<int, memory> args;
+  if (pass == "fwd_train") {
+    prim = train;
+    args = train_args;
+  } else if (pass == "fwd_infer") {
+    prim = batch_normalization_forward(batch_normalization_forward::primitive_desc(
+        {prop_kind::forward_inference, md, 1e-5f, flags | normalization_flags::use_global_stats},
+        eng));
+    args = train_args;
+  } else {
+    prim = batch_normalization_backward(batch_normalization_backward::primitive_desc(
+        {prop_kind::backward, md, md, 1e-5f, flags}, eng, train_pd));
+    args = {{DNNL_ARG_SRC, src},           {DNNL_ARG_MEAN, mean},
+            {DNNL_ARG_VARIANCE, var},      {DNNL_ARG_DIFF_DST, diff_dst},
+            {DNNL_ARG_SCALE_SHIFT, ss},    {DNNL_ARG_DIFF_SRC, diff_src},
+            {DNNL_ARG_DIFF_SCALE_SHIFT, diff_ss}};
+  }
+  for (auto _ : state) {
+    prim.execute(strm, args);
+    strm.wait();
+  }
+  report(state, c, pass == "bwd" ? 3 : 2);
+}
+#endif
+
+void register_all() {
+  const char* passes[] = {"fwd_train", "fwd_infer", "bwd"};
+  for (const Case& c : cases()) {
+    const std::string shape = c.name();
+    for (int t : {1, 2}) {
+      const std::string threads = "/t" + std::to_string(t);
+      benchmark::RegisterBenchmark(("memcpy/copy/-/" + shape + threads).c_str(), memcpy_bench, c, t);
+      for (auto layout : {bnorm::Layout::ChannelsFirst, bnorm::Layout::ChannelsLast}) {
+        const std::string lname = layout == bnorm::Layout::ChannelsFirst ? "NCHW" : "NHWC";
+        for (const char* pass : passes)
+          benchmark::RegisterBenchmark(
+              ("bnorm/" + std::string(pass) + "/" + lname + "/" + shape + threads).c_str(),
+              bnorm_bench, c, layout, std::string(pass), t);
+        if (t == 1) {
+          const std::string name = "naive_eigen/fwd_train/" + lname + "/" + shape + threads;
+          if (c.dims.size() == 2) benchmark::RegisterBenchmark(name.c_str(), naive_eigen<2>, c, layout);
+          if (c.dims.size() == 3) benchmark::RegisterBenchmark(name.c_str(), naive_eigen<3>, c, layout);
+          if (c.dims.size() == 4) benchmark::RegisterBenchmark(name.c_str(), naive_eigen<4>, c, layout);
+        }
+      }
+#ifdef BNORM_HAVE_DNNL
+      for (const char* layout : {"NCHW", "NHWC", "nChw16c"}) {
+        if (c.dims.size() == 2 && std::string(layout) != "NCHW") continue;  // (N, C): one layout
+        for (const char* pass : passes)
+          benchmark::RegisterBenchmark(("onednn/" + std::string(pass) + "/" + layout + "/" +
+                                        shape + threads).c_str(),
+                                       dnnl_bench, c, std::string(layout), std::string(pass), t);
+      }
+#endif
+    }
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  register_all();
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
