@@ -173,7 +173,7 @@ void forward_inference(const Shape& shape, const T* x, T* y, double eps, Affine<
     coef[3 * C + c] = T(b - double(mean[c]) * scale);
   }
   bnorm::detail::apply_all<bnorm::detail::NormalizeOp>(
-      geometry(shape), bnorm::detail::Streams<T, 1>{{x}, y, copy_of_x}, coef, ex.device);
+      geometry(shape), bnorm::detail::Streams<T, 1>{{x}, y, copy_of_x}, ws, ex.device);
 }
 
 /// backward with the mean in double (the module keeps the forward's unrounded mean).
@@ -235,7 +235,7 @@ void backward(const Shape& shape, const T* dy, const T* x, T* dx, Statistics kin
   }
   ws.coefs.resize(std::size_t(NormalizeOp::kCoefs * C));
   for (Index c = 0; c < C; ++c) finish(c, Partial{}, ws.coefs.data());
-  apply_all<NormalizeOp>(g, s, ws.coefs.data(), ex.device);
+  apply_all<NormalizeOp>(g, s, ws, ex.device);
 }
 
 }  // namespace detail

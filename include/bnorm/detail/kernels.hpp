@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <vector>
 
 #include "parallel.hpp"
@@ -105,6 +106,16 @@ struct Blocking {
     return {row, std::min(rows, g.outer - row), first, std::min(piece, g.inner - first)};
   }
   Index across_rows(const Geometry& g, Index b) const { return std::min(rows, g.outer - b * rows); }
+};
+
+/// Scratch memory of the kernels, reused from call to call so that steady-state calls allocate
+/// nothing.
+template <class T>
+struct Workspace {
+  std::vector<Partial> partials;  // per block and channel
+  std::vector<T> coefs;           // coefficient k of channel c at [k * channels + c]
+  std::vector<T> row_coefs;       // ACROSS: the coefficients laid out for RowCoefs
+  std::vector<double> centers;    // per channel
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -336,97 +347,157 @@ struct Streams {
   T* copy = nullptr;
 };
 
+/// Coefficients that are the same for a whole run (ALONG: one channel per run).
+template <class T, int kCoefs>
+struct RunCoefs {
+  T k[kCoefs];
+  Packet<T> p[kCoefs];
+  RunCoefs(const T* coef, Index channels, Index c) {
+    for (int j = 0; j < kCoefs; ++j) {
+      k[j] = coef[j * channels + c];
+      p[j] = ei::pset1<Packet<T>>(k[j]);
+    }
+  }
+  Packet<T> packet(int j) const { return p[j]; }
+  T scalar(int j) const { return k[j]; }
+  void next(Index) {}
+};
+
+/// Coefficients that change along the run (ACROSS: a run is whole rows, so element i belongs to
+/// channel i mod C). `ext` holds each coefficient's C values followed by its first values again,
+/// kLanes in all, so that a packet starting at any channel reads them contiguously: rows of any
+/// width, even 3 channels, vectorize.
+template <class T>
+struct RowCoefs {
+  const T* ext;
+  Index channels;
+  Index pos = 0;  // channel of the current element
+
+  static Index stride(Index channels) { return channels + kLanes<T>; }
+  Packet<T> packet(int j) const { return ei::ploadu<Packet<T>>(ext + j * stride(channels) + pos); }
+  T scalar(int j) const { return ext[j * stride(channels) + pos]; }
+  void next(Index n) {
+    pos += n;
+    if (pos >= channels) pos = (pos - channels) % channels;
+  }
+};
+
+/// Lays out coef[k * C + c] for RowCoefs.
+template <class T>
+void layout_row_coefs(int coefs, Index channels, const T* coef, std::vector<T>& ext) {
+  const Index stride = RowCoefs<T>::stride(channels);
+  ext.resize(std::size_t(coefs * stride));
+  for (int j = 0; j < coefs; ++j)
+    for (Index t = 0; t < stride; ++t) ext[std::size_t(j * stride + t)] = coef[j * channels + t % channels];
+}
+
+/// Outputs at least this large are written with non-temporal stores: they would not stay in
+/// cache anyway, and streaming them skips the read-for-ownership of every output line, which
+/// is what lets a memcpy move only two streams of data where a plain loop moves three.
+inline constexpr Index kStreamBytes = Index{8} << 20;
+
+/// Op over elements [0, n) of one contiguous run. With kStream, packets are stored
+/// non-temporally at aligned addresses (the run's head and tail go through scalar code).
+template <class Op, bool kStream, class T, class Coefs>
+void apply_run(const Streams<T, Op::kInputs>& s, Index off, Index n, Coefs k) {
+  using P = Packet<T>;
+  constexpr Index L = kLanes<T>;
+  T* out = s.out + off;
+  T* copy = s.copy ? s.copy + off : nullptr;
+  auto scalar = [&](Index i) {
+    T v[Op::kInputs], ks[Op::kCoefs];
+    for (int j = 0; j < Op::kInputs; ++j) v[j] = s.in[j][off + i];
+    for (int j = 0; j < Op::kCoefs; ++j) ks[j] = k.scalar(j);
+    k.next(1);
+    if (copy) copy[i] = v[0];
+    out[i] = Op::apply(v, ks);
+  };
+  Index i = 0;
+  bool stream_copy = false;
+  if constexpr (kStream) {
+    const auto misalignment = reinterpret_cast<std::uintptr_t>(out) % sizeof(P);
+    const Index head = misalignment % sizeof(T) != 0 ? n : Index((sizeof(P) - misalignment) % sizeof(P) / sizeof(T));
+    for (; i < std::min(head, n); ++i) scalar(i);
+    stream_copy = copy && reinterpret_cast<std::uintptr_t>(copy + i) % sizeof(P) == 0;
+  }
+  for (; i + L <= n; i += L) {
+    P v[Op::kInputs], kp[Op::kCoefs];
+    for (int j = 0; j < Op::kInputs; ++j) v[j] = ei::ploadu<P>(s.in[j] + off + i);
+    for (int j = 0; j < Op::kCoefs; ++j) kp[j] = k.packet(j);
+    k.next(L);
+    const P y = Op::apply(v, kp);
+    if constexpr (kStream) {
+      stream_store(out + i, y);
+      if (stream_copy) stream_store(copy + i, v[0]);
+      else if (copy) ei::pstoreu(copy + i, v[0]);
+    } else {
+      ei::pstoreu(out + i, y);
+      if (copy) ei::pstoreu(copy + i, v[0]);
+    }
+  }
+  for (; i < n; ++i) scalar(i);
+}
+
 /// ALONG: rows [o0, o1) of channels [c0, c1). coef[k * channels + c] is coefficient k of c.
-template <class Op, class T>
+template <class Op, bool kStream, class T>
 void apply_along(const Geometry& g, const Streams<T, Op::kInputs>& s, const T* coef, Index o0,
                  Index o1, Index c0, Index c1) {
-  using P = Packet<T>;
-  constexpr Index L = kLanes<T>;
-  const Index len = g.inner;
-  for (Index o = o0; o < o1; ++o) {
-    for (Index c = c0; c < c1; ++c) {
-      const Index off = (o * g.channels + c) * len;
-      P k[Op::kCoefs];
-      T ks[Op::kCoefs];
-      for (int j = 0; j < Op::kCoefs; ++j) {
-        ks[j] = coef[j * g.channels + c];
-        k[j] = ei::pset1<P>(ks[j]);
-      }
-      Index i = 0;
-      for (; i + L <= len; i += L) {
-        P v[Op::kInputs];
-        for (int j = 0; j < Op::kInputs; ++j) v[j] = ei::ploadu<P>(s.in[j] + off + i);
-        if (s.copy) ei::pstoreu(s.copy + off + i, v[0]);
-        ei::pstoreu(s.out + off + i, Op::apply(v, k));
-      }
-      for (; i < len; ++i) {
-        T v[Op::kInputs];
-        for (int j = 0; j < Op::kInputs; ++j) v[j] = s.in[j][off + i];
-        if (s.copy) s.copy[off + i] = v[0];
-        s.out[off + i] = Op::apply(v, ks);
-      }
-    }
-  }
+  for (Index o = o0; o < o1; ++o)
+    for (Index c = c0; c < c1; ++c)
+      apply_run<Op, kStream>(s, (o * g.channels + c) * g.inner, g.inner,
+                             RunCoefs<T, Op::kCoefs>(coef, g.channels, c));
+  if constexpr (kStream) stream_fence();
 }
 
-/// ACROSS: rows [r0, r1), every channel, walked from the last row to the first so that a pass
-/// that follows a forward reduction over the same rows starts on what is still in cache.
-template <class Op, class T>
-void apply_across(const Geometry& g, const Streams<T, Op::kInputs>& s, const T* coef, Index r0,
+/// ACROSS: rows [r0, r1) as one run. `ext` is laid out by layout_row_coefs.
+template <class Op, bool kStream, class T>
+void apply_across(const Geometry& g, const Streams<T, Op::kInputs>& s, const T* ext, Index r0,
                   Index r1) {
-  using P = Packet<T>;
-  constexpr Index L = kLanes<T>;
-  const Index C = g.channels;
-  for (Index r = r1; r-- > r0;) {
-    const Index off = r * C;
-    Index c = 0;
-    for (; c + L <= C; c += L) {
-      P v[Op::kInputs], k[Op::kCoefs];
-      for (int j = 0; j < Op::kInputs; ++j) v[j] = ei::ploadu<P>(s.in[j] + off + c);
-      for (int j = 0; j < Op::kCoefs; ++j) k[j] = ei::ploadu<P>(coef + j * C + c);
-      if (s.copy) ei::pstoreu(s.copy + off + c, v[0]);
-      ei::pstoreu(s.out + off + c, Op::apply(v, k));
-    }
-    for (; c < C; ++c) {
-      T v[Op::kInputs], k[Op::kCoefs];
-      for (int j = 0; j < Op::kInputs; ++j) v[j] = s.in[j][off + c];
-      for (int j = 0; j < Op::kCoefs; ++j) k[j] = coef[j * C + c];
-      if (s.copy) s.copy[off + c] = v[0];
-      s.out[off + c] = Op::apply(v, k);
-    }
-  }
+  apply_run<Op, kStream>(s, r0 * g.channels, (r1 - r0) * g.channels,
+                         RowCoefs<T>{ext, g.channels});
 }
 
-/// Elementwise pass alone (inference), split over rows.
-template <class Op, class T>
-void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, const T* coef,
+/// Step 3 alone, split over rows, with the coefficients in ws.coefs. ACROSS, each worker
+/// takes the blocks of rows it reduced and walks them from the last to the first, so that it
+/// starts on what is still in its cache.
+template <class Op, bool kStream, class T>
+void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>& ws,
                const Eigen::ThreadPoolDevice* device) {
+  const T* coef = ws.coefs.data();
   if (g.across()) {
-    const Index rows = Blocking(g).rows;  // ranges of whole blocks, like the reductions
+    layout_row_coefs(Op::kCoefs, g.channels, coef, ws.row_coefs);
+    const T* ext = ws.row_coefs.data();
+    const Index rows = Blocking(g).rows;
     const Index blocks = (g.outer + rows - 1) / rows;
     parallel_ranges(device, blocks, [&](Index b0, Index b1) {
-      apply_across<Op>(g, s, coef, b0 * rows, std::min(g.outer, b1 * rows));
+      for (Index b = b1; b-- > b0;)
+        apply_across<Op, kStream>(g, s, ext, b * rows, std::min(g.outer, (b + 1) * rows));
+      if constexpr (kStream) stream_fence();
     });
   } else if (g.outer >= workers(device)) {
-    parallel_ranges(device, g.outer,
-                    [&](Index o0, Index o1) { apply_along<Op>(g, s, coef, o0, o1, 0, g.channels); });
+    parallel_ranges(device, g.outer, [&](Index o0, Index o1) {
+      apply_along<Op, kStream>(g, s, coef, o0, o1, 0, g.channels);
+    });
   } else {
-    parallel_ranges(device, g.channels,
-                    [&](Index c0, Index c1) { apply_along<Op>(g, s, coef, 0, g.outer, c0, c1); });
+    parallel_ranges(device, g.channels, [&](Index c0, Index c1) {
+      apply_along<Op, kStream>(g, s, coef, 0, g.outer, c0, c1);
+    });
   }
+}
+
+inline bool streams_output(const Geometry& g, std::size_t element_bytes) {
+  return g.size() * Index(element_bytes) >= kStreamBytes;
+}
+
+template <class Op, class T>
+void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>& ws,
+               const Eigen::ThreadPoolDevice* device) {
+  if (streams_output(g, sizeof(T))) apply_all<Op, true>(g, s, ws, device);
+  else apply_all<Op, false>(g, s, ws, device);
 }
 
 // ---------------------------------------------------------------------------------------------
 // The three steps together.
-
-/// Scratch memory of the kernels, reused from call to call so that steady-state calls allocate
-/// nothing.
-template <class T>
-struct Workspace {
-  std::vector<Partial> partials;
-  std::vector<T> coefs;
-  std::vector<double> centers;
-};
 
 /// A reduction: what is summed per block (Step, or moments when Step is void), how blocks merge,
 /// and `finish(c, total, coef)`, which turns channel c's total into its coefficients.
@@ -459,13 +530,15 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
         return step_sums_along<Step>(in, stride, e.rows, e.len, centers[c]);
       }
     };
+    const bool stream = streams_output(g, sizeof(T));
     if (workers(device) == 1 || C >= 4 * workers(device)) {
       parallel_ranges(device, C, [&](Index c0, Index c1) {
         for (Index c = c0; c < c1; ++c) {
           Partial total;
           for (Index b = 0; b < bl.blocks; ++b) total = merge(total, block(c, b));
           finish(c, total, coef);
-          apply_along<Op>(g, s, coef, 0, g.outer, c, c + 1);
+          if (stream) apply_along<Op, true>(g, s, coef, 0, g.outer, c, c + 1);
+          else apply_along<Op, false>(g, s, coef, 0, g.outer, c, c + 1);
         }
       });
       return;
@@ -480,7 +553,7 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
       for (Index b = 0; b < bl.blocks; ++b) total = merge(total, part[c * bl.blocks + b]);
       finish(c, total, coef);
     }
-    apply_all<Op>(g, s, coef, device);
+    apply_all<Op>(g, s, ws, device);
     return;
   }
 
@@ -518,7 +591,7 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
       finish(c, total, coef);
     }
   });
-  apply_all<Op>(g, s, coef, device);
+  apply_all<Op>(g, s, ws, device);
 }
 
 }  // namespace bnorm::detail

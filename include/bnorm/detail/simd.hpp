@@ -58,6 +58,31 @@ inline Wide load_wide(const T* p) {
   }
 }
 
+/// Stores a packet at an address aligned to the packet's size, bypassing the caches where the
+/// target has such a store.
+template <class T>
+inline void stream_store(T* p, const Packet<T>& v) {
+#if defined(EIGEN_VECTORIZE_AVX512)
+  if constexpr (std::is_same_v<T, float>) _mm512_stream_ps(p, v);
+  else _mm512_stream_pd(p, v);
+#elif defined(EIGEN_VECTORIZE_AVX)
+  if constexpr (std::is_same_v<T, float>) _mm256_stream_ps(p, v);
+  else _mm256_stream_pd(p, v);
+#elif defined(EIGEN_VECTORIZE_SSE2)
+  if constexpr (std::is_same_v<T, float>) _mm_stream_ps(p, v);
+  else _mm_stream_pd(p, v);
+#else
+  ei::pstore(p, v);
+#endif
+}
+
+/// Makes non-temporal stores visible to other threads before the work is reported done.
+inline void stream_fence() {
+#if defined(EIGEN_VECTORIZE_SSE2)
+  _mm_sfence();
+#endif
+}
+
 /// Sum of a packet's lanes, as double.
 template <class P>
 inline double lane_sum(const P& p) {
