@@ -84,7 +84,7 @@ struct Blocking {
 
   explicit Blocking(const Geometry& g) {
     if (g.across()) {
-      rows = std::clamp<Index>(kAcrossElems / std::max<Index>(g.channels, 1), 16, 1024);
+      rows = std::clamp<Index>(kAcrossElems / std::max<Index>(g.channels, 1), 16, 256);
       blocks = (g.outer + rows - 1) / rows;
     } else if (g.inner >= kAlongElems) {
       pieces = (g.inner + kAlongElems - 1) / kAlongElems;
@@ -231,79 +231,88 @@ struct WideOrScalar<false> {
   using type = double;
 };
 
-/// ACROSS: moments of channels [c, c + lanes(P)) over `rows` rows of `channels` values, one lane
-/// per channel. P is a packet of T, or T itself for the channels left over.
-template <class P, class T>
-void moments_across_column(const T* x, Index channels, Index rows, Partial* out) {
-  constexpr Index L = ei::unpacket_traits<P>::size;
-  // Pass one in T: a shift per channel.
-  P sum = ei::pset1<P>(T(0));
-  for (Index r = 0; r < rows; ++r) sum = ei::padd(sum, ei::ploadu<P>(x + r * channels));
-  T sums[L];
-  ei::pstoreu(sums, sum);
-  double shift[L];
-  for (Index l = 0; l < L; ++l) {
-    shift[l] = static_cast<double>(sums[l]) / double(rows);
-    if (!std::isfinite(shift[l])) {  // T overflowed: a plain sum in double instead
-      double s = 0;
-      for (Index r = 0; r < rows; ++r) s += static_cast<double>(x[r * channels + l]);
-      shift[l] = std::isfinite(s) ? s / double(rows) : 0.0;
-    }
-  }
-  // Pass two in double, one wide packet (or one double) per group of lanes.
-  using W = typename WideOrScalar<(L >= kWideLanes)>::type;
-  constexpr Index WL = L >= kWideLanes ? kWideLanes : 1;
-  static_assert(L % WL == 0, "a packet of T splits into whole packets of double");
-  constexpr Index H = L / WL;
-  W a[H], b[H], c[H];
-  for (Index h = 0; h < H; ++h) {
-    a[h] = b[h] = ei::pset1<W>(0.0);
-    c[h] = ei::ploadu<W>(shift + h * WL);
-  }
+/// ACROSS reductions walk a block row by row (sequential memory, which the hardware prefetches)
+/// over stripes of at most kStripe channels, whose accumulators stay in L1. Every row of a
+/// channel goes into one of kRowPhases accumulators in turn: the adders' latency is hidden and
+/// every chain of additions stays short.
+inline constexpr Index kStripe = 256;
+inline constexpr Index kRowPhases = 2;
+
+/// ACROSS: Step's sums over `rows` rows for channels [0, width) of a stripe, one double
+/// accumulator per channel and row phase. in[k] points at row 0, channel 0 of the stripe; rows
+/// are `channels` apart; center[c] is channel c's.
+template <class Step, class T>
+void step_sums_across_stripe(const T* const* in, Index channels, Index width, Index rows,
+                             const double* center, Partial* out) {
+  using W = Wide;
+  constexpr Index WL = kWideLanes;
+  constexpr Index R = kRowPhases;
+  alignas(64) double a[R][kStripe], b[R][kStripe];
+  for (Index u = 0; u < R; ++u)
+    for (Index c = 0; c < width; ++c) a[u][c] = b[u][c] = 0.0;
   for (Index r = 0; r < rows; ++r) {
-    for (Index h = 0; h < H; ++h) {
-      W v[1];
-      if constexpr (WL == 1) {
-        v[0] = static_cast<double>(x[r * channels + h]);
-      } else {
-        v[0] = load_wide(x + r * channels + h * WL);
-      }
-      CenteredSums::add(v, c[h], a[h], b[h]);
+    const Index u = r % R;
+    const Index off = r * channels;
+    Index c = 0;
+    for (; c + WL <= width; c += WL) {
+      W v[Step::kInputs];
+      for (int k = 0; k < Step::kInputs; ++k) v[k] = load_wide(in[k] + off + c);
+      W pa = ei::ploadu<W>(a[u] + c), pb = ei::ploadu<W>(b[u] + c);
+      Step::add(v, ei::ploadu<W>(center + c), pa, pb);
+      ei::pstoreu(a[u] + c, pa);
+      ei::pstoreu(b[u] + c, pb);
+    }
+    for (; c < width; ++c) {
+      double v[Step::kInputs];
+      for (int k = 0; k < Step::kInputs; ++k) v[k] = static_cast<double>(in[k][off + c]);
+      Step::add(v, center[c], a[u][c], b[u][c]);
     }
   }
-  double as[L], bs[L];
-  for (Index h = 0; h < H; ++h) {
-    ei::pstoreu(as + h * WL, a[h]);
-    ei::pstoreu(bs + h * WL, b[h]);
-  }
-  for (Index l = 0; l < L; ++l)
-    out[l] = centered_to_moments({double(rows), as[l], bs[l]}, shift[l]);
+  for (Index c = 0; c < width; ++c) out[c] = {double(rows), a[0][c] + a[1][c], b[0][c] + b[1][c]};
 }
 
-/// ACROSS: Step's sums for channels [c, c + L), one lane per channel, L = kWideLanes for the
-/// packet version and 1 for the channels left over. `center` holds one double per channel.
-template <class Step, bool kPacket, class T>
-void step_sums_across_column(const T* const* in, Index channels, Index rows, const double* center,
-                             Partial* out) {
-  using W = typename WideOrScalar<kPacket>::type;
-  constexpr Index L = kPacket ? kWideLanes : 1;
-  W a = ei::pset1<W>(0.0), b = a;
-  const W c = ei::ploadu<W>(center);
-  for (Index r = 0; r < rows; ++r) {
-    W v[Step::kInputs];
-    for (int k = 0; k < Step::kInputs; ++k) {
-      if constexpr (L == 1) {
-        v[k] = static_cast<double>(in[k][r * channels]);
-      } else {
-        v[k] = load_wide(in[k] + r * channels);
+/// ACROSS: Step's sums over a block of rows, every channel, into out[0 .. channels).
+template <class Step, class T>
+void step_sums_across(const T* const* in, Index channels, Index rows, const double* center,
+                      Partial* out) {
+  for (Index c0 = 0; c0 < channels; c0 += kStripe) {
+    const T* stripe[Step::kInputs];
+    for (int k = 0; k < Step::kInputs; ++k) stripe[k] = in[k] + c0;
+    step_sums_across_stripe<Step>(stripe, channels, std::min(kStripe, channels - c0), rows,
+                                  center + c0, out + c0);
+  }
+}
+
+/// ACROSS: moments over a block of rows, every channel: a pass in T for a shift per channel,
+/// then the centered sums in double, which read the block from L2.
+template <class T>
+void moments_across(const T* x, Index channels, Index rows, Partial* out) {
+  using P = Packet<T>;
+  constexpr Index L = kLanes<T>;
+  for (Index c0 = 0; c0 < channels; c0 += kStripe) {
+    const Index width = std::min(kStripe, channels - c0);
+    alignas(64) T sum[kStripe];
+    alignas(64) double shift[kStripe];
+    for (Index c = 0; c < width; ++c) sum[c] = T(0);
+    for (Index r = 0; r < rows; ++r) {
+      const T* row = x + r * channels + c0;
+      Index c = 0;
+      for (; c + L <= width; c += L)
+        ei::pstoreu(sum + c, ei::padd(ei::ploadu<P>(sum + c), ei::ploadu<P>(row + c)));
+      for (; c < width; ++c) sum[c] += row[c];
+    }
+    for (Index c = 0; c < width; ++c) {
+      shift[c] = static_cast<double>(sum[c]) / double(rows);
+      if (!std::isfinite(shift[c])) {  // T overflowed: a plain sum in double instead
+        double s = 0;
+        for (Index r = 0; r < rows; ++r) s += static_cast<double>(x[r * channels + c0 + c]);
+        shift[c] = std::isfinite(s) ? s / double(rows) : 0.0;
       }
     }
-    Step::add(v, c, a, b);
+    const T* in[] = {x + c0};
+    step_sums_across_stripe<CenteredSums>(in, channels, width, rows, shift, out + c0);
+    for (Index c = 0; c < width; ++c) out[c0 + c] = centered_to_moments(out[c0 + c], shift[c]);
   }
-  double as[L], bs[L];
-  ei::pstoreu(as, a);
-  ei::pstoreu(bs, b);
-  for (Index l = 0; l < L; ++l) out[l] = {double(rows), as[l], bs[l]};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -560,27 +569,17 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
   // ACROSS: block b holds rows [b * bl.rows, ...) of every channel.
   ws.partials.resize(std::size_t(C * bl.blocks));
   Partial* part = ws.partials.data();
-  constexpr Index L = kLanes<T>;
-  constexpr Index WL = kWideLanes;
   parallel_ranges(device, bl.blocks, [&](Index b0, Index b1) {
     for (Index b = b0; b < b1; ++b) {
       const Index rows = bl.across_rows(g, b);
       const Index off = b * bl.rows * C;
       Partial* out = part + b * C;
       if constexpr (kMoments) {
-        const T* x = reduce_in[0] + off;
-        Index c = 0;
-        for (; c + L <= C; c += L) moments_across_column<Packet<T>>(x + c, C, rows, out + c);
-        for (; c < C; ++c) moments_across_column<T>(x + c, C, rows, out + c);
+        moments_across(reduce_in[0] + off, C, rows, out);
       } else {
-        auto column = [&](auto packet, Index c) {
-          const T* in[Step::kInputs];
-          for (int k = 0; k < Step::kInputs; ++k) in[k] = reduce_in[k] + off + c;
-          step_sums_across_column<Step, decltype(packet)::value>(in, C, rows, centers + c, out + c);
-        };
-        Index c = 0;
-        for (; c + WL <= C; c += WL) column(std::true_type{}, c);
-        for (; c < C; ++c) column(std::false_type{}, c);
+        const T* in[Step::kInputs];
+        for (int k = 0; k < Step::kInputs; ++k) in[k] = reduce_in[k] + off;
+        step_sums_across<Step>(in, C, rows, centers, out);
       }
     }
   });
