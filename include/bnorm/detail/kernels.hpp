@@ -180,9 +180,10 @@ Partial step_sums_along(const T* const* in, Index stride, Index runs, Index len,
     Index i = 0;
     W v[U][Step::kInputs];
     for (; i + U * L <= len; i += U * L) {
-      for (int u = 0; u < U; ++u)
-        for (int k = 0; k < Step::kInputs; ++k) v[u][k] = load_wide(in[k] + off + i + u * L);
-      for (int u = 0; u < U; ++u) Step::add(v[u], c, a[u], b[u]);
+      unroll<U>([&](int u) {
+        unroll<Step::kInputs>([&](int k) { v[u][k] = load_wide(in[k] + off + i + u * L); });
+        Step::add(v[u], c, a[u], b[u]);
+      });
     }
     for (int u = 0; i + L <= len; i += L, ++u) {
       for (int k = 0; k < Step::kInputs; ++k) v[0][k] = load_wide(in[k] + off + i);
@@ -236,7 +237,7 @@ struct WideOrScalar<false> {
 /// channel goes into one of kRowPhases accumulators in turn: the adders' latency is hidden and
 /// every chain of additions stays short.
 inline constexpr Index kStripe = 256;
-inline constexpr Index kRowPhases = 2;
+inline constexpr int kRowPhases = 2;
 
 /// ACROSS: Step's sums over `rows` rows for channels [0, width) of a stripe, one double
 /// accumulator per channel and row phase. in[k] points at row 0, channel 0 of the stripe; rows
@@ -256,7 +257,7 @@ void step_sums_across_stripe(const T* const* in, Index channels, Index width, In
     Index c = 0;
     for (; c + WL <= width; c += WL) {
       W v[Step::kInputs];
-      for (int k = 0; k < Step::kInputs; ++k) v[k] = load_wide(in[k] + off + c);
+      unroll<Step::kInputs>([&](int k) { v[k] = load_wide(in[k] + off + c); });
       W pa = ei::ploadu<W>(a[u] + c), pb = ei::ploadu<W>(b[u] + c);
       Step::add(v, ei::ploadu<W>(center + c), pa, pb);
       ei::pstoreu(a[u] + c, pa);
@@ -281,6 +282,37 @@ void step_sums_across(const T* const* in, Index channels, Index rows, const doub
     step_sums_across_stripe<Step>(stripe, channels, std::min(kStripe, channels - c0), rows,
                                   center + c0, out + c0);
   }
+}
+
+/// ACROSS: centered moments of G packets of W (double lanes) of adjacent channels over `rows` rows
+/// (`channels` apart), around shift[]: a column of the block, accumulated in registers.
+template <class W, int G, class T>
+void centered_columns(const T* x, Index channels, Index rows, const double* shift, Partial* out) {
+  constexpr Index WL = ei::unpacket_traits<W>::size;
+  constexpr Index R = kRowPhases;
+  W a[R][G], b[R][G], c[G];
+  unroll<G>([&](int g) {
+    c[g] = ei::ploadu<W>(shift + g * WL);
+    unroll<R>([&](int u) { a[u][g] = b[u][g] = ei::pset1<W>(0.0); });
+  });
+  auto add_row = [&](Index row, int u) {
+    unroll<G>([&](int g) {
+      W v[1];
+      if constexpr (WL == 1) v[0] = static_cast<double>(x[row * channels + g]);
+      else v[0] = load_wide(x + row * channels + g * WL);
+      CenteredSums::add(v, c[g], a[u][g], b[u][g]);
+    });
+  };
+  Index r = 0;
+  for (; r + R <= rows; r += R) unroll<R>([&](int u) { add_row(r + u, u); });
+  for (int u = 0; r < rows; ++r, ++u) add_row(r, u);
+  unroll<G>([&](int g) {
+    double as[WL], bs[WL];
+    ei::pstoreu(as, ei::padd(a[0][g], a[1][g]));
+    ei::pstoreu(bs, ei::padd(b[0][g], b[1][g]));
+    for (Index l = 0; l < WL; ++l)
+      out[g * WL + l] = centered_to_moments({double(rows), as[l], bs[l]}, shift[g * WL + l]);
+  });
 }
 
 /// ACROSS: moments over a block of rows, every channel: a pass in T for a shift per channel,
@@ -309,9 +341,15 @@ void moments_across(const T* x, Index channels, Index rows, Partial* out) {
         shift[c] = std::isfinite(s) ? s / double(rows) : 0.0;
       }
     }
-    const T* in[] = {x + c0};
-    step_sums_across_stripe<CenteredSums>(in, channels, width, rows, shift, out + c0);
-    for (Index c = 0; c < width; ++c) out[c0 + c] = centered_to_moments(out[c0 + c], shift[c]);
+    // Pass one brought the block into L2; pass two walks it by columns of channels whose
+    // accumulators stay in registers.
+    const T* xs = x + c0;
+    Index c = 0;
+    for (; c + 4 * kWideLanes <= width; c += 4 * kWideLanes)
+      centered_columns<Wide, 4>(xs + c, channels, rows, shift + c, out + c0 + c);
+    for (; c + kWideLanes <= width; c += kWideLanes)
+      centered_columns<Wide, 1>(xs + c, channels, rows, shift + c, out + c0 + c);
+    for (; c < width; ++c) centered_columns<double, 1>(xs + c, channels, rows, shift + c, out + c0 + c);
   }
 }
 
@@ -431,8 +469,8 @@ void apply_run(const Streams<T, Op::kInputs>& s, Index off, Index n, Coefs k) {
   }
   for (; i + L <= n; i += L) {
     P v[Op::kInputs], kp[Op::kCoefs];
-    for (int j = 0; j < Op::kInputs; ++j) v[j] = ei::ploadu<P>(s.in[j] + off + i);
-    for (int j = 0; j < Op::kCoefs; ++j) kp[j] = k.packet(j);
+    unroll<Op::kInputs>([&](int j) { v[j] = ei::ploadu<P>(s.in[j] + off + i); });
+    unroll<Op::kCoefs>([&](int j) { kp[j] = k.packet(j); });
     k.next(L);
     const P y = Op::apply(v, kp);
     if constexpr (kStream) {
@@ -541,14 +579,29 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
     };
     const bool stream = streams_output(g, sizeof(T));
     if (workers(device) == 1 || C >= 4 * workers(device)) {
+      // Each worker takes whole channels and reduces channel c + 1 block by block while it
+      // applies channel c: the next channel's reads from memory overlap this channel's writes,
+      // and this channel's data comes back from cache.
+      auto apply_block = [&](auto streaming, Index c, Index b) {
+        const auto e = bl.along(g, b);
+        const RunCoefs<T, Op::kCoefs> k(coef, C, c);
+        for (Index o = e.first_row; o < e.first_row + e.rows; ++o)
+          apply_run<Op, decltype(streaming)::value>(s, (o * C + c) * g.inner + e.first, e.len, k);
+      };
       parallel_ranges(device, C, [&](Index c0, Index c1) {
+        Partial total;
+        for (Index b = 0; b < bl.blocks; ++b) total = merge(total, block(c0, b));
         for (Index c = c0; c < c1; ++c) {
-          Partial total;
-          for (Index b = 0; b < bl.blocks; ++b) total = merge(total, block(c, b));
           finish(c, total, coef);
-          if (stream) apply_along<Op, true>(g, s, coef, 0, g.outer, c, c + 1);
-          else apply_along<Op, false>(g, s, coef, 0, g.outer, c, c + 1);
+          Partial next;
+          for (Index b = 0; b < bl.blocks; ++b) {
+            if (c + 1 < c1) next = merge(next, block(c + 1, b));
+            if (stream) apply_block(std::true_type{}, c, b);
+            else apply_block(std::false_type{}, c, b);
+          }
+          total = next;
         }
+        if (stream) stream_fence();
       });
       return;
     }

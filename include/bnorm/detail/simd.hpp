@@ -11,6 +11,8 @@
 // the wide vectors, everyone else gets SSE2 (x86-64's baseline) or NEON.
 
 #include <cstddef>
+#include <type_traits>
+#include <utility>
 
 #include "eigen.hpp"
 
@@ -81,6 +83,17 @@ inline void stream_fence() {
 #if defined(EIGEN_VECTORIZE_SSE2)
   _mm_sfence();
 #endif
+}
+
+/// Calls f(0), ..., f(N - 1), unrolled: the loops over an op's inputs and coefficients must not
+/// stay loops (and spill their packets to the stack) at -O2.
+template <class F, int... I>
+EIGEN_ALWAYS_INLINE void unroll_impl(F& f, std::integer_sequence<int, I...>) {
+  (f(I), ...);
+}
+template <int N, class F>
+EIGEN_ALWAYS_INLINE void unroll(F&& f) {
+  unroll_impl(f, std::make_integer_sequence<int, N>{});
 }
 
 /// Sum of a packet's lanes, as double.
