@@ -351,3 +351,40 @@ TEST_CASE("NaN in one channel leaves the other channels untouched", "[module]") 
     }
   }
 }
+
+TEMPLATE_TEST_CASE("infer normalizes like eval mode and changes nothing", "[module]", float,
+                   double) {
+  using T = TestType;
+  for (bool track : {true, false}) {
+    bnorm::Options opt;
+    opt.track_running_stats = track;
+    bnorm::BatchNorm2d<T> bn(3, opt);
+    Eigen::Tensor<T, 4, Eigen::RowMajor> x(4, 3, 5, 2), other(4, 3, 5, 2);
+    x.setRandom();
+    other.setRandom();
+    for (int i = 0; i < 3; ++i) bn.forward(Eigen::Tensor<T, 4, Eigen::RowMajor>(x * x.constant(T(2))));
+    const std::int64_t batches = bn.num_batches_tracked();
+    const auto running = raw(bn.running_mean());
+    bn.forward(other);  // what backward will use
+    const auto dx_before = bn.backward(other);
+
+    const Eigen::Tensor<T, 4, Eigen::RowMajor> inferred = bn.infer(x);  // in train mode
+    bnorm::BatchNorm2d<T> copy = bn;
+    copy.eval();
+    const auto evaluated = copy.forward(x);
+    CHECK(std::equal(inferred.data(), inferred.data() + inferred.size(), evaluated.data()));
+    Eigen::ThreadPool pool(2);
+    Eigen::ThreadPoolDevice device(&pool, 2);
+    Eigen::Tensor<T, 4, Eigen::RowMajor> into(4, 3, 5, 2);
+    bn.infer(x, into, device);
+    CHECK(std::equal(into.data(), into.data() + into.size(), evaluated.data()));
+
+    CHECK(bn.num_batches_tracked() == batches + (track ? 1 : 0));
+    if (track) CHECK(raw(bn.running_mean()) != running);  // the forward(other) above moved them
+    bn.zero_grad();
+    const auto dx_after = bn.backward(other);  // still the saved state of forward(other)
+    CHECK(std::equal(dx_after.data(), dx_after.data() + dx_after.size(), dx_before.data()));
+    Eigen::Tensor<T, 3, Eigen::RowMajor> bad(4, 3, 10);
+    CHECK_THROWS_WITH(bn.infer(bad), Catch::Contains("expected 4D input (got 3D input)"));
+  }
+}

@@ -153,3 +153,32 @@ TEST_CASE("values near the float maximum do not overflow the statistics", "[nume
     for (Index i = 0; i < sh.size(); ++i) REQUIRE(std::isfinite(y[std::size_t(i)]));
   }
 }
+
+TEMPLATE_TEST_CASE("subnormal inputs and a single huge outlier", "[numerics]", float, double) {
+  using T = TestType;
+  for (Layout layout : {Layout::ChannelsFirst, Layout::ChannelsLast}) {
+    const reference::Shape sh{8, 2, 37, layout};
+    std::vector<T> x(std::size_t(sh.size()));
+    std::normal_distribution<double> normal;
+    const T tiny = std::numeric_limits<T>::denorm_min();
+    for (Index n = 0; n < sh.batch; ++n)
+      for (Index s = 0; s < sh.spatial; ++s) {
+        x[sh.at(n, 0, s)] = tiny * T(1 + (n * 37 + s) % 50);  // subnormal values only
+        x[sh.at(n, 1, s)] = T(normal(testing::rng()));
+      }
+    x[sh.at(3, 1, 5)] = T(std::is_same_v<T, float> ? 1e30 : 1e150);  // one huge outlier
+    std::vector<T> y = testing::poisoned<T>(sh.size()), mean(2), invstd(2);
+    fn::forward_training<T>({sh.batch, sh.channels, sh.spatial, layout}, x.data(), y.data(),
+                            1e-5, {}, {mean.data(), invstd.data()});
+    const auto st = precise_stats(sh, testing::widen(x));
+    // Subnormal channel: its variance is far below eps, so y is ~0 but finite and exact.
+    CHECK(std::abs(double(mean[0]) - st.mean[0]) <= double(tiny));  // one subnormal ulp
+    CHECK(double(invstd[0]) == Approx(1 / std::sqrt(st.var[0] + 1e-5)).epsilon(1e-6));
+    // Outlier channel: the outlier owns the variance; everything stays finite and accurate.
+    CHECK(double(mean[1]) == Approx(st.mean[1]).epsilon(1e-6));
+    CHECK(double(invstd[1]) == Approx(1 / std::sqrt(st.var[1] + 1e-5)).epsilon(1e-6));
+    for (std::size_t i = 0; i < y.size(); ++i) REQUIRE(std::isfinite(y[i]));
+    const T big = y[std::size_t(sh.at(3, 1, 5))];
+    CHECK(double(big) == Approx(std::sqrt(double(sh.per_channel()) - 1)).epsilon(1e-4));
+  }
+}

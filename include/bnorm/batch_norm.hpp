@@ -39,8 +39,9 @@ std::string dims_string(const std::array<Index, Rank>& d) {
 /// Batch normalization over the channel dimension of tensors of rank MinRank..MaxRank.
 /// BatchNorm1d, BatchNorm2d and BatchNorm3d below are the three instances.
 ///
-/// Thread safety: const member functions may run concurrently with each other; forward,
-/// backward and every other non-const function need exclusive access to the module.
+/// Thread safety: const member functions (infer, the const accessors, options, ...) may run
+/// concurrently with each other on one module; forward, backward and every other non-const
+/// function need exclusive access to it. Modules share nothing with each other.
 template <class Scalar, int MinRank, int MaxRank>
 class BatchNorm {
   static_assert(std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>,
@@ -108,6 +109,27 @@ class BatchNorm {
   template <class X, class Y>
   void forward(const X& x, Y&& y, const Eigen::ThreadPoolDevice& device) {
     forward_impl(x, y, &device);
+  }
+
+  /// Inference that changes nothing and saves nothing for backward: normalizes with the running
+  /// statistics whatever the mode (batch statistics when track_running_stats is off). A const
+  /// member: any number of threads may call it on one module at once. Also the fastest way to
+  /// run a trained model, as nothing is copied for a backward that will not come.
+  template <class X>
+  auto infer(const X& x) const {
+    return infer_new(x, nullptr);
+  }
+  template <class X>
+  auto infer(const X& x, const Eigen::ThreadPoolDevice& device) const {
+    return infer_new(x, &device);
+  }
+  template <class X, class Y, class = NotADevice<Y>>
+  void infer(const X& x, Y&& y) const {
+    infer_impl(x, y, nullptr);
+  }
+  template <class X, class Y>
+  void infer(const X& x, Y&& y, const Eigen::ThreadPoolDevice& device) const {
+    infer_impl(x, y, &device);
   }
 
   // --- backward ------------------------------------------------------------------------------
@@ -238,8 +260,10 @@ class BatchNorm {
     return y;
   }
 
+  /// Every check of a forward: types, rank, channels, output dims, parameter sizes, batch size
+  /// and (with check_finite) the values. Returns the shape for the kernels.
   template <class X, class Y>
-  void forward_impl(const X& x, Y& y, const Eigen::ThreadPoolDevice* device) {
+  functional::Shape checked_forward(const X& x, const Y& y, bool batch_stats) const {
     check_type<X>();
     check_type<Y>();
     constexpr int R = detail::TensorTraits<X>::rank;
@@ -250,18 +274,44 @@ class BatchNorm {
       fail("expected an output of shape " + detail::dims_string<R>(dims) + ", got " +
            detail::dims_string<R>(dims_of<R>(y.dimensions())));
     check_state();
-    const bool batch_stats = uses_batch_stats();
     if (batch_stats && shape.per_channel() == 1)
       fail("Expected more than 1 value per channel when training, got input size " +
            detail::dims_string<R>(dims));
-    if (shape.size() == 0) return;  // an empty batch: nothing to normalize, nothing learned
-    const Scalar* xp = x.data();
     if (options_.check_finite) {
+      const Scalar* xp = x.data();
       for (Index i = 0; i < shape.size(); ++i)
         if (!std::isfinite(xp[i]))
           fail("input holds a non-finite value at flat index " + std::to_string(i) +
                " (Options::check_finite)");
     }
+    return shape;
+  }
+
+  template <class X, class Y>
+  void infer_impl(const X& x, Y& y, const Eigen::ThreadPoolDevice* device) const {
+    const bool batch_stats = !options_.track_running_stats;
+    const functional::Shape shape = checked_forward(x, y, batch_stats);
+    if (shape.size() == 0) return;
+    // The calling thread's own workspace: nothing of the module is written.
+    const functional::Execution<Scalar> ex{device, nullptr};
+    const functional::Affine<Scalar> affine{weight_ptr(), bias_ptr()};
+    if (batch_stats) {
+      functional::forward_training<Scalar>(shape, x.data(), y.data(), options_.eps, affine, {},
+                                           {}, ex);
+    } else {
+      functional::forward_inference<Scalar>(shape, x.data(), y.data(), options_.eps, affine,
+                                            running_mean_.data(), running_var_.data(), ex);
+    }
+  }
+
+  template <class X, class Y>
+  void forward_impl(const X& x, Y& y, const Eigen::ThreadPoolDevice* device) {
+    constexpr int R = detail::TensorTraits<X>::rank;
+    const bool batch_stats = uses_batch_stats();
+    const functional::Shape shape = checked_forward(x, y, batch_stats);
+    const auto dims = dims_of<R>(x.dimensions());
+    if (shape.size() == 0) return;  // an empty batch: nothing to normalize, nothing learned
+    const Scalar* xp = x.data();
     // Everything that can fail has been checked; allocate before changing any state.
     saved_input_.resize(std::size_t(shape.size()));
     const functional::Execution<Scalar> ex{device, &workspace_};
@@ -294,6 +344,14 @@ class BatchNorm {
     saved_dims_.fill(0);
     for (int i = 0; i < R; ++i) saved_dims_[std::size_t(i)] = dims[std::size_t(i)];
     saved_shape_ = shape;
+  }
+
+  template <class X>
+  auto infer_new(const X& x, const Eigen::ThreadPoolDevice* device) const {
+    check_type<X>();
+    Output<detail::TensorTraits<X>::rank> y(x.dimensions());
+    infer_impl(x, y, device);
+    return y;
   }
 
   template <class DY>
@@ -354,7 +412,8 @@ class BatchNorm {
   std::array<Index, 5> saved_dims_{};
   functional::Shape saved_shape_;
   functional::Statistics saved_kind_ = functional::Statistics::Batch;
-  std::vector<Scalar> saved_input_, saved_invstd_;
+  std::vector<Scalar, Eigen::aligned_allocator<Scalar>> saved_input_;  // aligned: streamed to
+  std::vector<Scalar> saved_invstd_;
   std::vector<double> saved_mean_;  // unrounded: backward centers x on the exact batch mean
   functional::Workspace<Scalar> workspace_;
 };

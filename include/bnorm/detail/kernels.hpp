@@ -203,7 +203,8 @@ Partial step_sums_along(const T* const* in, Index stride, Index runs, Index len,
 /// Moments of a centered pass: mean = center + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n.
 inline Partial centered_to_moments(const Partial& s, double center) {
   if (s.n == 0) return {};
-  return {s.n, s.a / s.n, std::max(0.0, s.b - s.a * s.a / s.n), center};
+  const double m2 = s.b - s.a * s.a / s.n;
+  return {s.n, s.a / s.n, m2 < 0 ? 0.0 : m2, center};  // rounding can dip below 0; NaN stays
 }
 
 /// Moments of one ALONG block: a pass in T for a shift near the mean, then the centered pass in
