@@ -1,0 +1,103 @@
+// Steady-state calls allocate nothing when the output is the caller's: counts every operator
+// new in the process around repeated forward / backward / infer calls, on the calling thread
+// alone and on a thread pool, for both layouts.
+
+#include <bnorm/bnorm.hpp>
+
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+namespace {
+std::atomic<long> allocations{0};
+}
+
+// Every allocation of the process goes through malloc (operator new, std::vector, and Eigen's
+// aligned allocations alike): count it there.
+extern "C" {
+void* __libc_malloc(std::size_t);
+void* __libc_calloc(std::size_t, std::size_t);
+void* __libc_realloc(void*, std::size_t);
+void* __libc_memalign(std::size_t, std::size_t);
+
+void* malloc(std::size_t size) {
+  ++allocations;
+  return __libc_malloc(size);
+}
+void* calloc(std::size_t n, std::size_t size) {
+  ++allocations;
+  return __libc_calloc(n, size);
+}
+void* realloc(void* p, std::size_t size) {
+  ++allocations;
+  return __libc_realloc(p, size);
+}
+void* aligned_alloc(std::size_t alignment, std::size_t size) {
+  ++allocations;
+  return __libc_memalign(alignment, size);
+}
+int posix_memalign(void** out, std::size_t alignment, std::size_t size) {
+  ++allocations;
+  *out = __libc_memalign(alignment, size);
+  return *out ? 0 : 12;  // ENOMEM
+}
+}
+
+namespace {
+
+using Tensor = Eigen::Tensor<float, 4, Eigen::RowMajor>;
+using Map = Eigen::TensorMap<Tensor>;
+
+/// Allocations made by `steps` calls of f after two warm-up calls.
+template <class F>
+long count(F&& f, int steps = 20) {
+  f();
+  f();
+  const long before = allocations.load();
+  for (int i = 0; i < steps; ++i) f();
+  return allocations.load() - before;
+}
+
+int check(const std::string& what, long n) {
+  std::printf("%-60s %ld allocations\n", what.c_str(), n);
+  return n == 0 ? 0 : 1;
+}
+
+}  // namespace
+
+int main() {
+  Eigen::ThreadPool pool(2);
+  Eigen::ThreadPoolDevice device(&pool, 2);
+  int failures = 0;
+  for (auto layout : {bnorm::Layout::ChannelsFirst, bnorm::Layout::ChannelsLast}) {
+    const std::string name = layout == bnorm::Layout::ChannelsFirst ? "ChannelsFirst" : "ChannelsLast";
+    bnorm::Options opt;
+    opt.layout = layout;
+    bnorm::BatchNorm2d<float> bn(16, opt);
+    const bool last = layout == bnorm::Layout::ChannelsLast;
+    Tensor x = last ? Tensor(8, 9, 7, 16) : Tensor(8, 16, 9, 7);
+    x.setRandom();
+    Tensor y(x.dimensions()), dx(x.dimensions());
+    Map ym(y.data(), x.dimensions()), dxm(dx.data(), x.dimensions());
+    failures += check(name + ": training forward + backward", count([&] {
+                        bn.forward(x, ym);
+                        bn.backward(x, dxm);
+                      }));
+    failures += check(name + ": training forward + backward, 2 threads", count([&] {
+                        bn.forward(x, ym, device);
+                        bn.backward(x, dxm, device);
+                      }));
+    bn.eval();
+    failures += check(name + ": eval forward + backward, 2 threads", count([&] {
+                        bn.forward(x, ym, device);
+                        bn.backward(x, dxm, device);
+                      }));
+    failures += check(name + ": infer", count([&] { bn.infer(x, ym); }));
+    // The counter sees what it must: a forward that returns a new tensor allocates it.
+    if (count([&] { y = bn.infer(x); }) == 0) failures += check("the allocation counter", -1);
+    failures += check(name + ": infer, 2 threads", count([&] { bn.infer(x, ym, device); }));
+  }
+  std::printf(failures == 0 ? "no allocation in steady state\n" : "ALLOCATIONS in steady state\n");
+  return failures == 0 ? 0 : 1;
+}
