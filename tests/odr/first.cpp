@@ -16,7 +16,7 @@ static float first_translation_unit() {
 }
 
 int main() {
-  // Channel 0 holds 1, 3, 5: its first value normalizes to -sqrt(1.5) / sqrt(1 + 1.5e-5 / 8 * 3).
+  // Channel 0 holds 1, 3, 5: its first value normalizes to (1 - 3) / sqrt(8 / 3 + 1e-5) = -1.2247.
   const float a = first_translation_unit(), b = second_translation_unit();
   return (a == b && a < -1.22f && a > -1.23f) ? 0 : 1;
 }

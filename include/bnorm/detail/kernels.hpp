@@ -24,13 +24,7 @@
 #include "parallel.hpp"
 #include "simd.hpp"
 
-// GCC 12's AVX-512 intrinsics trip its own -Wmaybe-uninitialized (GCC bug 105593) wherever they
-// are inlined; keep that false alarm out of users' -Werror builds.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
+#include "warnings_begin.hpp"
 
 namespace bnorm::detail {
 
@@ -121,6 +115,24 @@ struct Workspace {
 // ---------------------------------------------------------------------------------------------
 // Step 1: block reductions.
 
+/// Requests every cache line of `rows` rows of `width` values, `stride` apart, row by row.
+template <class T>
+void prefetch_rows(const T* p, Index stride, Index width, Index rows) {
+#if defined(__GNUC__)
+  constexpr Index kLine = 64 / Index(sizeof(T));
+  for (Index r = 0; r < rows; ++r)
+    for (Index c = 0; c < width; c += kLine) __builtin_prefetch(p + r * stride + c);
+#else
+  (void)p, (void)stride, (void)width, (void)rows;
+#endif
+}
+
+/// ALONG runs are a channel's rows, a whole batch row apart: with short rows (7 x 7 images)
+/// every run starts in another page, where the hardware prefetcher does not follow. The
+/// reductions ask for the run kRunsAhead ahead themselves.
+inline constexpr Index kRunsAhead = 4;
+inline constexpr Index kShortRunBytes = 2048;
+
 /// Sum of the values, in T: only a shift for the centered pass, where T precision is plenty.
 /// Runs of `len` values at `stride` apart, `runs` of them.
 template <class T>
@@ -129,8 +141,10 @@ double plain_sum_along(const T* x, Index stride, Index runs, Index len) {
   constexpr Index L = kLanes<T>;
   P acc0 = ei::pset1<P>(T(0)), acc1 = acc0;
   T tail = 0;
+  const bool ahead = len * Index(sizeof(T)) <= kShortRunBytes;
   for (Index r = 0; r < runs; ++r) {
     const T* p = x + r * stride;
+    if (ahead && r + kRunsAhead < runs) prefetch_rows(p + kRunsAhead * stride, stride, len, 1);
     Index i = 0;
     for (; i + 2 * L <= len; i += 2 * L) {
       acc0 = ei::padd(acc0, ei::ploadu<P>(p + i));
@@ -175,8 +189,12 @@ Partial step_sums_along(const T* const* in, Index stride, Index runs, Index len,
   W a[U], b[U];
   for (int u = 0; u < U; ++u) a[u] = b[u] = ei::pset1<W>(0.0);
   double at = 0, bt = 0;
+  const bool ahead = len * Index(sizeof(T)) <= kShortRunBytes;
   for (Index r = 0; r < runs; ++r) {
     const Index off = r * stride;
+    if (ahead && r + kRunsAhead < runs)
+      for (int k = 0; k < Step::kInputs; ++k)
+        prefetch_rows(in[k] + off + kRunsAhead * stride, stride, len, 1);
     Index i = 0;
     W v[U][Step::kInputs];
     for (; i + U * L <= len; i += U * L) {
@@ -222,86 +240,34 @@ Partial moments_along(const T* x, Index stride, Index runs, Index len) {
   return centered_to_moments(step_sums_along<CenteredSums>(&x, stride, runs, len, shift), shift);
 }
 
-/// A packet of doubles, or one double (a class template, not std::conditional: GCC warns
-/// when a vector type with attributes is a template argument of a class template).
-template <bool kPacket>
-struct WideOrScalar {
-  using type = Wide;
-};
-template <>
-struct WideOrScalar<false> {
-  using type = double;
-};
-
-/// ACROSS reductions walk a block row by row (sequential memory, which the hardware prefetches)
-/// over stripes of at most kStripe channels, whose accumulators stay in L1. Every row of a
-/// channel goes into one of kRowPhases accumulators in turn: the adders' latency is hidden and
-/// every chain of additions stays short.
+/// ACROSS reductions take a block of rows and every channel. Memory is read row by row
+/// (sequentially, which the hardware prefetches well); the sums then walk the block, now in
+/// cache, by columns of adjacent channels whose accumulators stay in registers. Each column's
+/// rows alternate between kRowPhases accumulators: the adders' latency is hidden and every chain
+/// of additions stays short.
 inline constexpr Index kStripe = 256;
 inline constexpr int kRowPhases = 2;
 
-/// ACROSS: Step's sums over `rows` rows for channels [0, width) of a stripe, one double
-/// accumulator per channel and row phase. in[k] points at row 0, channel 0 of the stripe; rows
-/// are `channels` apart; center[c] is channel c's.
-template <class Step, class T>
-void step_sums_across_stripe(const T* const* in, Index channels, Index width, Index rows,
-                             const double* center, Partial* out) {
-  using W = Wide;
-  constexpr Index WL = kWideLanes;
-  constexpr Index R = kRowPhases;
-  alignas(64) double a[R][kStripe], b[R][kStripe];
-  for (Index u = 0; u < R; ++u)
-    for (Index c = 0; c < width; ++c) a[u][c] = b[u][c] = 0.0;
-  for (Index r = 0; r < rows; ++r) {
-    const Index u = r % R;
-    const Index off = r * channels;
-    Index c = 0;
-    for (; c + WL <= width; c += WL) {
-      W v[Step::kInputs];
-      unroll<Step::kInputs>([&](int k) { v[k] = load_wide(in[k] + off + c); });
-      W pa = ei::ploadu<W>(a[u] + c), pb = ei::ploadu<W>(b[u] + c);
-      Step::add(v, ei::ploadu<W>(center + c), pa, pb);
-      ei::pstoreu(a[u] + c, pa);
-      ei::pstoreu(b[u] + c, pb);
-    }
-    for (; c < width; ++c) {
-      double v[Step::kInputs];
-      for (int k = 0; k < Step::kInputs; ++k) v[k] = static_cast<double>(in[k][off + c]);
-      Step::add(v, center[c], a[u][c], b[u][c]);
-    }
-  }
-  for (Index c = 0; c < width; ++c) out[c] = {double(rows), a[0][c] + a[1][c], b[0][c] + b[1][c]};
-}
-
-/// ACROSS: Step's sums over a block of rows, every channel, into out[0 .. channels).
-template <class Step, class T>
-void step_sums_across(const T* const* in, Index channels, Index rows, const double* center,
-                      Partial* out) {
-  for (Index c0 = 0; c0 < channels; c0 += kStripe) {
-    const T* stripe[Step::kInputs];
-    for (int k = 0; k < Step::kInputs; ++k) stripe[k] = in[k] + c0;
-    step_sums_across_stripe<Step>(stripe, channels, std::min(kStripe, channels - c0), rows,
-                                  center + c0, out + c0);
-  }
-}
-
-/// ACROSS: centered moments of G packets of W (double lanes) of adjacent channels over `rows` rows
-/// (`channels` apart), around shift[]: a column of the block, accumulated in registers.
-template <class W, int G, class T>
-void centered_columns(const T* x, Index channels, Index rows, const double* shift, Partial* out) {
+/// ACROSS: Step's sums for G packets W (of double lanes) of adjacent channels over `rows` rows
+/// (`channels` apart): one column of a block, accumulated in registers. center[] per channel.
+template <class Step, class W, int G, class T>
+void step_columns(const T* const* in, Index channels, Index rows, const double* center,
+                  Partial* out) {
   constexpr Index WL = ei::unpacket_traits<W>::size;
-  constexpr Index R = kRowPhases;
+  constexpr int R = kRowPhases;
   W a[R][G], b[R][G], c[G];
   unroll<G>([&](int g) {
-    c[g] = ei::ploadu<W>(shift + g * WL);
+    c[g] = ei::ploadu<W>(center + g * WL);
     unroll<R>([&](int u) { a[u][g] = b[u][g] = ei::pset1<W>(0.0); });
   });
   auto add_row = [&](Index row, int u) {
     unroll<G>([&](int g) {
-      W v[1];
-      if constexpr (WL == 1) v[0] = static_cast<double>(x[row * channels + g]);
-      else v[0] = load_wide(x + row * channels + g * WL);
-      CenteredSums::add(v, c[g], a[u][g], b[u][g]);
+      W v[Step::kInputs];
+      unroll<Step::kInputs>([&](int k) {
+        if constexpr (WL == 1) v[k] = static_cast<double>(in[k][row * channels + g]);
+        else v[k] = load_wide(in[k] + row * channels + g * WL);
+      });
+      Step::add(v, c[g], a[u][g], b[u][g]);
     });
   };
   Index r = 0;
@@ -311,9 +277,34 @@ void centered_columns(const T* x, Index channels, Index rows, const double* shif
     double as[WL], bs[WL];
     ei::pstoreu(as, ei::padd(a[0][g], a[1][g]));
     ei::pstoreu(bs, ei::padd(b[0][g], b[1][g]));
-    for (Index l = 0; l < WL; ++l)
-      out[g * WL + l] = centered_to_moments({double(rows), as[l], bs[l]}, shift[g * WL + l]);
+    for (Index l = 0; l < WL; ++l) out[g * WL + l] = {double(rows), as[l], bs[l]};
   });
+}
+
+struct WideTag {
+  using type = Wide;
+};
+struct ScalarTag {
+  using type = double;
+};
+
+/// ACROSS: Step's sums over `rows` rows for channels [0, width) (rows `channels` apart), by
+/// columns of four wide packets, then one, then single channels.
+template <class Step, class T>
+void step_sums_across(const T* const* in, Index channels, Index width, Index rows,
+                      const double* center, Partial* out) {
+  auto column = [&](auto tag, auto group, Index c) {
+    const T* at[Step::kInputs];
+    for (int k = 0; k < Step::kInputs; ++k) at[k] = in[k] + c;
+    step_columns<Step, typename decltype(tag)::type, decltype(group)::value>(at, channels, rows,
+                                                                           center + c, out + c);
+  };
+  Index c = 0;
+  for (; c + 4 * kWideLanes <= width; c += 4 * kWideLanes)
+    column(WideTag{}, std::integral_constant<int, 4>{}, c);
+  for (; c + kWideLanes <= width; c += kWideLanes)
+    column(WideTag{}, std::integral_constant<int, 1>{}, c);
+  for (; c < width; ++c) column(ScalarTag{}, std::integral_constant<int, 1>{}, c);
 }
 
 /// ACROSS: moments over a block of rows, every channel: a pass in T for a shift per channel,
@@ -342,15 +333,10 @@ void moments_across(const T* x, Index channels, Index rows, Partial* out) {
         shift[c] = std::isfinite(s) ? s / double(rows) : 0.0;
       }
     }
-    // Pass one brought the block into L2; pass two walks it by columns of channels whose
-    // accumulators stay in registers.
-    const T* xs = x + c0;
-    Index c = 0;
-    for (; c + 4 * kWideLanes <= width; c += 4 * kWideLanes)
-      centered_columns<Wide, 4>(xs + c, channels, rows, shift + c, out + c0 + c);
-    for (; c + kWideLanes <= width; c += kWideLanes)
-      centered_columns<Wide, 1>(xs + c, channels, rows, shift + c, out + c0 + c);
-    for (; c < width; ++c) centered_columns<double, 1>(xs + c, channels, rows, shift + c, out + c0 + c);
+    // Pass one brought the block into cache; pass two walks it by columns.
+    const T* in[] = {x + c0};
+    step_sums_across<CenteredSums>(in, channels, width, rows, shift, out + c0);
+    for (Index c = 0; c < width; ++c) out[c0 + c] = centered_to_moments(out[c0 + c], shift[c]);
   }
 }
 
@@ -533,8 +519,10 @@ void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>
   }
 }
 
+/// Whether the elementwise pass streams its output: only for large outputs, and ALONG only for
+/// long runs (each run aligns its stores through scalar code first).
 inline bool streams_output(const Geometry& g, std::size_t element_bytes) {
-  return g.size() * Index(element_bytes) >= kStreamBytes;
+  return g.size() * Index(element_bytes) >= kStreamBytes && (g.across() || g.inner >= 256);
 }
 
 template <class Op, class T>
@@ -632,8 +620,11 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
         moments_across(reduce_in[0] + off, C, rows, out);
       } else {
         const T* in[Step::kInputs];
-        for (int k = 0; k < Step::kInputs; ++k) in[k] = reduce_in[k] + off;
-        step_sums_across<Step>(in, C, rows, centers, out);
+        for (int k = 0; k < Step::kInputs; ++k) {
+          in[k] = reduce_in[k] + off;
+          prefetch_rows(in[k], C, C, rows);
+        }
+        step_sums_across<Step>(in, C, C, rows, centers, out);
       }
     }
   });
@@ -649,6 +640,4 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
 
 }  // namespace bnorm::detail
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+#include "warnings_end.hpp"

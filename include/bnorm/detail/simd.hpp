@@ -16,13 +16,7 @@
 
 #include "eigen.hpp"
 
-// GCC 12's AVX-512 intrinsics trip its own -Wmaybe-uninitialized (GCC bug 105593) wherever they
-// are inlined; keep that false alarm out of users' -Werror builds.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
+#include "warnings_begin.hpp"
 
 namespace bnorm::detail {
 
@@ -104,6 +98,4 @@ inline double lane_sum(const P& p) {
 
 }  // namespace bnorm::detail
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+#include "warnings_end.hpp"
