@@ -94,8 +94,9 @@ TEMPLATE_TEST_CASE("statistics stay accurate when the mean dwarfs the spread", "
       std::vector<T> channel;
       for (Index n = 0; n < sh.batch; ++n)
         for (Index s = 0; s < sh.spatial; ++s) channel.push_back(x[sh.at(n, c, s)]);
-      // The textbook formula is off by orders of magnitude on the same data.
-      CHECK(std::abs(double(naive_variance(channel)) - st.var[c]) > 0.5 * st.var[c]);
+      // The textbook formula is off by far more than that on the same data (its error is
+      // random around |mean|^2 * eps / var: about 1 in both cases; 1e-3 is a safe floor).
+      CHECK(std::abs(double(naive_variance(channel)) - st.var[c]) > 1e-3 * st.var[c]);
     }
     // And the output is normalized to full precision: y = ((x - high) - low) / std.
     std::vector<double> expected(x.size());
