@@ -119,9 +119,12 @@ struct Workspace {
 template <class T>
 void prefetch_rows(const T* p, Index stride, Index width, Index rows) {
 #if defined(__GNUC__)
-  constexpr Index kLine = 64 / Index(sizeof(T));
-  for (Index r = 0; r < rows; ++r)
-    for (Index c = 0; c < width; c += kLine) __builtin_prefetch(p + r * stride + c);
+  for (Index r = 0; r < rows; ++r) {
+    const auto end = reinterpret_cast<std::uintptr_t>(p + r * stride + width);
+    for (auto line = reinterpret_cast<std::uintptr_t>(p + r * stride) & ~std::uintptr_t{63};
+         line < end; line += 64)
+      __builtin_prefetch(reinterpret_cast<const void*>(line));
+  }
 #else
   (void)p, (void)stride, (void)width, (void)rows;
 #endif
@@ -140,7 +143,6 @@ double plain_sum_along(const T* x, Index stride, Index runs, Index len) {
   using P = Packet<T>;
   constexpr Index L = kLanes<T>;
   P acc0 = ei::pset1<P>(T(0)), acc1 = acc0;
-  T tail = 0;
   const bool ahead = len * Index(sizeof(T)) <= kShortRunBytes;
   for (Index r = 0; r < runs; ++r) {
     const T* p = x + r * stride;
@@ -151,14 +153,15 @@ double plain_sum_along(const T* x, Index stride, Index runs, Index len) {
       acc1 = ei::padd(acc1, ei::ploadu<P>(p + i + L));
     }
     for (; i + L <= len; i += L) acc0 = ei::padd(acc0, ei::ploadu<P>(p + i));
-    for (; i < len; ++i) tail += p[i];
+    if (i < len) acc1 = ei::padd(acc1, load_first(p + i, len - i));
   }
-  return lane_sum(ei::padd(acc0, acc1)) + static_cast<double>(tail);
+  return lane_sum(ei::padd(acc0, acc1));
 }
 
 /// Gradient sums: a += dy, b += dy * (x - center). Inputs: {dy, x}.
 struct GradientSums {
   static constexpr int kInputs = 2;
+  static double fill(int k, double center) { return k == 0 ? 0.0 : center; }  // adds nothing
   template <class W>
   static void add(const W* in, const W& center, W& a, W& b) {
     a = ei::padd(a, in[0]);
@@ -169,6 +172,7 @@ struct GradientSums {
 /// Centered moments: a += x - center, b += (x - center)^2. Inputs: {x}.
 struct CenteredSums {
   static constexpr int kInputs = 1;
+  static double fill(int, double center) { return center; }  // adds nothing
   template <class W>
   static void add(const W* in, const W& center, W& a, W& b) {
     const W d = ei::psub(in[0], center);
@@ -188,7 +192,6 @@ Partial step_sums_along(const T* const* in, Index stride, Index runs, Index len,
   const W c = ei::pset1<W>(center);
   W a[U], b[U];
   for (int u = 0; u < U; ++u) a[u] = b[u] = ei::pset1<W>(0.0);
-  double at = 0, bt = 0;
   const bool ahead = len * Index(sizeof(T)) <= kShortRunBytes;
   for (Index r = 0; r < runs; ++r) {
     const Index off = r * stride;
@@ -207,15 +210,15 @@ Partial step_sums_along(const T* const* in, Index stride, Index runs, Index len,
       for (int k = 0; k < Step::kInputs; ++k) v[0][k] = load_wide(in[k] + off + i);
       Step::add(v[0], c, a[u], b[u]);
     }
-    for (; i < len; ++i) {
-      double s[Step::kInputs];
-      for (int k = 0; k < Step::kInputs; ++k) s[k] = static_cast<double>(in[k][off + i]);
-      Step::add(s, center, at, bt);
+    if (i < len) {
+      for (int k = 0; k < Step::kInputs; ++k)
+        v[0][k] = load_wide_first(in[k] + off + i, len - i, Step::fill(k, center));
+      Step::add(v[0], c, a[U - 1], b[U - 1]);
     }
   }
   const W as = ei::padd(ei::padd(a[0], a[1]), ei::padd(a[2], a[3]));
   const W bs = ei::padd(ei::padd(b[0], b[1]), ei::padd(b[2], b[3]));
-  return {double(runs * len), lane_sum(as) + at, lane_sum(bs) + bt};
+  return {double(runs * len), lane_sum(as), lane_sum(bs)};
 }
 
 /// Moments of a centered pass: mean = center + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n.
@@ -384,45 +387,46 @@ struct Streams {
 /// Coefficients that are the same for a whole run (ALONG: one channel per run).
 template <class T, int kCoefs>
 struct RunCoefs {
-  T k[kCoefs];
   Packet<T> p[kCoefs];
   RunCoefs(const T* coef, Index channels, Index c) {
-    for (int j = 0; j < kCoefs; ++j) {
-      k[j] = coef[j * channels + c];
-      p[j] = ei::pset1<Packet<T>>(k[j]);
-    }
+    for (int j = 0; j < kCoefs; ++j) p[j] = ei::pset1<Packet<T>>(coef[j * channels + c]);
   }
   Packet<T> packet(int j) const { return p[j]; }
-  T scalar(int j) const { return k[j]; }
   void next(Index) {}
 };
 
-/// Coefficients that change along the run (ACROSS: a run is whole rows, so element i belongs to
-/// channel i mod C). `ext` holds each coefficient's C values followed by its first values again,
-/// kLanes in all, so that a packet starting at any channel reads them contiguously: rows of any
+/// Coefficients that change along the run. A row holds `width` positions; ACROSS, a row is the
+/// C channels and a run spans whole rows; ALONG with short runs, a row is a group of channels,
+/// each repeated `inner` times, and a run is one such row of the tensor. Coefficient j of
+/// position t is at ext[j * stride + t], and the row is followed by its first kLanes positions
+/// again, so that a packet starting anywhere reads its coefficients contiguously: rows of any
 /// width, even 3 channels, vectorize.
 template <class T>
 struct RowCoefs {
   const T* ext;
-  Index channels;
-  Index pos = 0;  // channel of the current element
+  Index stride, width;
+  Index pos = 0;  // position of the current element
 
-  static Index stride(Index channels) { return channels + kLanes<T>; }
-  Packet<T> packet(int j) const { return ei::ploadu<Packet<T>>(ext + j * stride(channels) + pos); }
-  T scalar(int j) const { return ext[j * stride(channels) + pos]; }
+  static Index stride_for(Index width) { return width + kLanes<T>; }
+  Packet<T> packet(int j) const { return ei::ploadu<Packet<T>>(ext + j * stride + pos); }
   void next(Index n) {
     pos += n;
-    if (pos >= channels) pos = (pos - channels) % channels;
+    if (pos >= width) pos = (pos - width) % width;
   }
 };
 
-/// Lays out coef[k * C + c] for RowCoefs.
+/// Lays out channels [c0, c1) of coef[j * C + c], each repeated `inner` times, for RowCoefs;
+/// ext has room for `coefs` rows of stride_for((c1 - c0) * inner).
 template <class T>
-void layout_row_coefs(int coefs, Index channels, const T* coef, std::vector<T>& ext) {
-  const Index stride = RowCoefs<T>::stride(channels);
-  ext.resize(std::size_t(coefs * stride));
-  for (int j = 0; j < coefs; ++j)
-    for (Index t = 0; t < stride; ++t) ext[std::size_t(j * stride + t)] = coef[j * channels + t % channels];
+RowCoefs<T> layout_row_coefs(int coefs, Index C, Index c0, Index c1, Index inner, const T* coef,
+                             T* ext) {
+  const Index width = (c1 - c0) * inner, stride = RowCoefs<T>::stride_for(width);
+  for (int j = 0; j < coefs; ++j) {
+    T* row = ext + j * stride;
+    for (Index c = c0; c < c1; ++c) std::fill_n(row + (c - c0) * inner, inner, coef[j * C + c]);
+    for (Index t = width; t < stride; ++t) row[t] = row[t - width];  // wraps around
+  }
+  return {ext, stride, width};
 }
 
 /// Outputs at least this large are written with non-temporal stores: they would not stay in
@@ -438,21 +442,25 @@ void apply_run(const Streams<T, Op::kInputs>& s, Index off, Index n, Coefs k) {
   constexpr Index L = kLanes<T>;
   T* out = s.out + off;
   T* copy = s.copy ? s.copy + off : nullptr;
-  auto scalar = [&](Index i) {
-    T v[Op::kInputs], ks[Op::kCoefs];
-    for (int j = 0; j < Op::kInputs; ++j) v[j] = s.in[j][off + i];
-    for (int j = 0; j < Op::kCoefs; ++j) ks[j] = k.scalar(j);
-    k.next(1);
-    if (copy) copy[i] = v[0];
-    out[i] = Op::apply(v, ks);
+  // The first `count` < L elements from i, as one cut packet.
+  auto partial = [&](Index i, Index count) {
+    P v[Op::kInputs], kp[Op::kCoefs];
+    unroll<Op::kInputs>([&](int j) { v[j] = load_first(s.in[j] + off + i, count); });
+    unroll<Op::kCoefs>([&](int j) { kp[j] = k.packet(j); });
+    k.next(count);
+    store_first(out + i, Op::apply(v, kp), count);
+    if (copy) store_first(copy + i, v[0], count);
   };
   Index i = 0;
-  bool stream_copy = false;
+  bool stream = false, stream_copy = false;
   if constexpr (kStream) {
     const auto misalignment = reinterpret_cast<std::uintptr_t>(out) % sizeof(P);
-    const Index head = misalignment % sizeof(T) != 0 ? n : Index((sizeof(P) - misalignment) % sizeof(P) / sizeof(T));
-    for (; i < std::min(head, n); ++i) scalar(i);
-    stream_copy = copy && reinterpret_cast<std::uintptr_t>(copy + i) % sizeof(P) == 0;
+    if (misalignment % sizeof(T) == 0) {  // else T is misaligned, and so are all packets
+      i = std::min(n, Index((sizeof(P) - misalignment) % sizeof(P) / sizeof(T)));
+      if (i > 0) partial(0, i);
+      stream = true;
+      stream_copy = copy && reinterpret_cast<std::uintptr_t>(copy + i) % sizeof(P) == 0;
+    }
   }
   for (; i + L <= n; i += L) {
     P v[Op::kInputs], kp[Op::kCoefs];
@@ -460,16 +468,12 @@ void apply_run(const Streams<T, Op::kInputs>& s, Index off, Index n, Coefs k) {
     unroll<Op::kCoefs>([&](int j) { kp[j] = k.packet(j); });
     k.next(L);
     const P y = Op::apply(v, kp);
-    if constexpr (kStream) {
-      stream_store(out + i, y);
-      if (stream_copy) stream_store(copy + i, v[0]);
-      else if (copy) ei::pstoreu(copy + i, v[0]);
-    } else {
-      ei::pstoreu(out + i, y);
-      if (copy) ei::pstoreu(copy + i, v[0]);
-    }
+    if (kStream && stream) stream_store(out + i, y);
+    else ei::pstoreu(out + i, y);
+    if (kStream && stream_copy) stream_store(copy + i, v[0]);
+    else if (copy) ei::pstoreu(copy + i, v[0]);
   }
-  for (; i < n; ++i) scalar(i);
+  if (i < n) partial(i, n - i);
 }
 
 /// ALONG: rows [o0, o1) of channels [c0, c1). coef[k * channels + c] is coefficient k of c.
@@ -483,12 +487,29 @@ void apply_along(const Geometry& g, const Streams<T, Op::kInputs>& s, const T* c
   if constexpr (kStream) stream_fence();
 }
 
-/// ACROSS: rows [r0, r1) as one run. `ext` is laid out by layout_row_coefs.
-template <class Op, bool kStream, class T>
-void apply_across(const Geometry& g, const Streams<T, Op::kInputs>& s, const T* ext, Index r0,
-                  Index r1) {
-  apply_run<Op, kStream>(s, r0 * g.channels, (r1 - r0) * g.channels,
-                         RowCoefs<T>{ext, g.channels});
+
+/// ALONG runs shorter than this are applied a row of channels at a time (see RowCoefs): a run
+/// per channel would spend much of its time on its ends, and could not stream its stores.
+inline constexpr Index kShortRun = 256;
+inline constexpr Index kChunkElems = 2048;  // a row of a chunk: its coefficients stay in L1
+
+/// ALONG, short runs: channels per chunk, and the room a chunk's RowCoefs take.
+inline Index chunk_channels(const Geometry& g) { return std::max<Index>(1, kChunkElems / g.inner); }
+template <class T>
+Index chunk_table_size(const Geometry& g, Index channels, int coefs) {
+  return coefs * RowCoefs<T>::stride_for(channels * g.inner);
+}
+
+/// ALONG, short runs: Op over rows [o0, o1) of channels [c0, c1), each row's channels as one
+/// run, with after_row() after every row. `table` has room for chunk_table_size.
+template <class Op, bool kStream, class T, class AfterRow>
+void apply_chunk(const Geometry& g, const Streams<T, Op::kInputs>& s, const T* coef, T* table,
+                 Index c0, Index c1, Index o0, Index o1, AfterRow after_row) {
+  const auto k = layout_row_coefs(Op::kCoefs, g.channels, c0, c1, g.inner, coef, table);
+  for (Index o = o0; o < o1; ++o) {
+    apply_run<Op, kStream>(s, (o * g.channels + c0) * g.inner, (c1 - c0) * g.inner, k);
+    after_row();
+  }
 }
 
 /// Step 3 alone, split over rows, with the coefficients in ws.coefs. ACROSS, each worker
@@ -499,13 +520,28 @@ void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>
                const Eigen::ThreadPoolDevice* device) {
   const T* coef = ws.coefs.data();
   if (g.across()) {
-    layout_row_coefs(Op::kCoefs, g.channels, coef, ws.row_coefs);
-    const T* ext = ws.row_coefs.data();
+    ws.row_coefs.resize(std::size_t(Op::kCoefs * RowCoefs<T>::stride_for(g.channels)));
+    const auto k = layout_row_coefs(Op::kCoefs, g.channels, 0, g.channels, 1, coef,
+                                    ws.row_coefs.data());
     const Index rows = Blocking(g).rows;
     const Index blocks = (g.outer + rows - 1) / rows;
     parallel_ranges(device, blocks, [&](Index b0, Index b1) {
       for (Index b = b1; b-- > b0;)
-        apply_across<Op, kStream>(g, s, ext, b * rows, std::min(g.outer, (b + 1) * rows));
+        apply_run<Op, kStream>(s, b * rows * g.channels,
+                               (std::min(g.outer, (b + 1) * rows) - b * rows) * g.channels, k);
+      if constexpr (kStream) stream_fence();
+    });
+  } else if (g.inner < kShortRun) {
+    const Index group = chunk_channels(g), groups = (g.channels + group - 1) / group;
+    const Index slot = chunk_table_size<T>(g, group, Op::kCoefs);
+    ws.row_coefs.resize(std::size_t(slot * workers(device)));
+    // Split over chunks where there are enough, else over rows.
+    const bool by_chunks = groups >= workers(device);
+    parallel_workers(device, by_chunks ? groups : g.outer, [&](Index w, Index i0, Index i1) {
+      T* table = ws.row_coefs.data() + w * slot;
+      for (Index q = by_chunks ? i0 : 0; q < (by_chunks ? i1 : groups); ++q)
+        apply_chunk<Op, kStream>(g, s, coef, table, q * group, std::min(g.channels, (q + 1) * group),
+                                 by_chunks ? 0 : i0, by_chunks ? g.outer : i1, [] {});
       if constexpr (kStream) stream_fence();
     });
   } else if (g.outer >= workers(device)) {
@@ -519,10 +555,9 @@ void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>
   }
 }
 
-/// Whether the elementwise pass streams its output: only for large outputs, and ALONG only for
-/// long runs (each run aligns its stores through scalar code first).
+/// Whether the elementwise pass streams its output: only outputs too large to stay in cache.
 inline bool streams_output(const Geometry& g, std::size_t element_bytes) {
-  return g.size() * Index(element_bytes) >= kStreamBytes && (g.across() || g.inner >= 256);
+  return g.size() * Index(element_bytes) >= kStreamBytes;
 }
 
 template <class Op, class T>
@@ -534,6 +569,14 @@ void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>
 
 // ---------------------------------------------------------------------------------------------
 // The three steps together.
+
+/// ALONG, one worker: how many channels it takes at a time, so that their inputs (and the next
+/// group's, prefetched meanwhile) stay in a per-core L2 cache.
+inline constexpr Index kGroupBytes = Index{512} << 10;
+inline Index channels_per_group(const Geometry& g, int inputs, std::size_t element_bytes) {
+  const Index bytes = g.per_channel() * inputs * Index(element_bytes);
+  return std::max<Index>(1, kGroupBytes / std::max<Index>(bytes, 1));
+}
 
 /// A reduction: what is summed per block (Step, or moments when Step is void), how blocks merge,
 /// and `finish(c, total, coef)`, which turns channel c's total into its coefficients.
@@ -548,6 +591,10 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
                        Merge merge, Finish finish, const Streams<T, Op::kInputs>& s,
                        Workspace<T>& ws, const Eigen::ThreadPoolDevice* device) {
   constexpr bool kMoments = std::is_void_v<Step>;
+  constexpr int kReduceInputs = [] {
+    if constexpr (kMoments) return 1;
+    else return Step::kInputs;
+  }();
   const Index C = g.channels;
   const Blocking bl(g);
   ws.coefs.resize(std::size_t(Op::kCoefs * C));
@@ -566,32 +613,58 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
         return step_sums_along<Step>(in, stride, e.rows, e.len, centers[c]);
       }
     };
-    const bool stream = streams_output(g, sizeof(T));
     if (workers(device) == 1 || C >= 4 * workers(device)) {
-      // Each worker takes whole channels and reduces channel c + 1 block by block while it
-      // applies channel c: the next channel's reads from memory overlap this channel's writes,
-      // and this channel's data comes back from cache.
-      auto apply_block = [&](auto streaming, Index c, Index b) {
-        const auto e = bl.along(g, b);
-        const RunCoefs<T, Op::kCoefs> k(coef, C, c);
-        for (Index o = e.first_row; o < e.first_row + e.rows; ++o)
-          apply_run<Op, decltype(streaming)::value>(s, (o * C + c) * g.inner + e.first, e.len, k);
-      };
-      parallel_ranges(device, C, [&](Index c0, Index c1) {
-        Partial total;
-        for (Index b = 0; b < bl.blocks; ++b) total = merge(total, block(c0, b));
-        for (Index c = c0; c < c1; ++c) {
-          finish(c, total, coef);
-          Partial next;
-          for (Index b = 0; b < bl.blocks; ++b) {
-            if (c + 1 < c1) next = merge(next, block(c + 1, b));
-            if (stream) apply_block(std::true_type{}, c, b);
-            else apply_block(std::false_type{}, c, b);
+      // Each worker takes whole channels, a group at a time, and does all three steps on the
+      // group from cache while it prefetches the next group: the reads from memory overlap
+      // the work, and with short rows (7 x 7 images) they still run through memory in order.
+      const bool chunks = g.inner < kShortRun;
+      const Index group = std::min(channels_per_group(g, kReduceInputs, sizeof(T)),
+                                   chunks ? chunk_channels(g) : C);
+      const Index slot = chunks ? chunk_table_size<T>(g, group, Op::kCoefs) : 0;
+      ws.row_coefs.resize(std::size_t(slot * workers(device)));
+      auto run = [&](auto streaming) {
+        constexpr bool kStream = decltype(streaming)::value;
+        parallel_workers(device, C, [&](Index worker, Index c0, Index c1) {
+          auto prefetch = [&](Index gc0, Index gc1, Index r0, Index r1) {
+            for (int k = 0; k < kReduceInputs; ++k)
+              for (Index r = r0; r < r1; ++r)
+                prefetch_rows(reduce_in[k] + (r * C + gc0) * g.inner, 0, (gc1 - gc0) * g.inner, 1);
+          };
+          prefetch(c0, std::min(c0 + group, c1), 0, g.outer);
+          for (Index gc0 = c0; gc0 < c1; gc0 += group) {
+            const Index gc1 = std::min(gc0 + group, c1), next_end = std::min(gc1 + group, c1);
+            // The next group's rows are requested in step with the work done on this one.
+            const Index work = 2 * (gc1 - gc0) * g.outer;
+            Index done = 0, requested = 0;
+            auto progress = [&](Index units) {
+              done += units;
+              const Index target = gc1 < next_end ? done * g.outer / work : 0;
+              prefetch(gc1, next_end, requested, target);
+              requested = std::max(requested, target);
+            };
+            for (Index c = gc0; c < gc1; ++c) {
+              Partial total;
+              for (Index b = 0; b < bl.blocks; ++b) total = merge(total, block(c, b));
+              finish(c, total, coef);
+              progress(g.outer);
+            }
+            if (chunks) {
+              apply_chunk<Op, kStream>(g, s, coef, ws.row_coefs.data() + worker * slot, gc0, gc1,
+                                       0, g.outer, [&] { progress(gc1 - gc0); });
+              continue;
+            }
+            for (Index o = 0; o < g.outer; ++o) {
+              for (Index c = gc0; c < gc1; ++c)
+                apply_run<Op, kStream>(s, (o * C + c) * g.inner, g.inner,
+                                       RunCoefs<T, Op::kCoefs>(coef, C, c));
+              progress(gc1 - gc0);
+            }
           }
-          total = next;
-        }
-        if (stream) stream_fence();
-      });
+          if constexpr (kStream) stream_fence();
+        });
+      };
+      if (streams_output(g, sizeof(T))) run(std::true_type{});
+      else run(std::false_type{});
       return;
     }
     ws.partials.resize(std::size_t(C * bl.blocks));

@@ -16,15 +16,16 @@ inline Index workers(const Eigen::ThreadPoolDevice* device) {
   return device == nullptr ? 1 : std::max<Index>(1, device->numThreads());
 }
 
-/// Calls fn(begin, end) on contiguous ranges that cover [0, count): one range per worker, the
-/// first on the calling thread. Worker w always gets the same range for the same count and
-/// worker number, so a second pass over the same ranges finds its data in that worker's cache.
-/// Allocates nothing: the lambda handed to the pool fits std::function's small buffer.
+/// Calls fn(worker, begin, end) on contiguous ranges that cover [0, count): one range per worker,
+/// the first (worker 0) on the calling thread. Worker w always gets the same range for the same
+/// count and worker number, so a second pass over the same ranges finds its data in that
+/// worker's cache. Allocates nothing: the lambda handed to the pool fits std::function's small
+/// buffer.
 template <class Fn>
-void parallel_ranges(const Eigen::ThreadPoolDevice* device, Index count, const Fn& fn) {
+void parallel_workers(const Eigen::ThreadPoolDevice* device, Index count, const Fn& fn) {
   const Index n = std::min(workers(device), count);
   if (n <= 1) {
-    if (count > 0) fn(Index{0}, count);
+    if (count > 0) fn(Index{0}, Index{0}, count);
     return;
   }
   struct Job {
@@ -32,7 +33,7 @@ void parallel_ranges(const Eigen::ThreadPoolDevice* device, Index count, const F
     Index count, n;
     Eigen::Barrier done;
     void run(Index w) const {
-      (*fn)(count * w / n, count * (w + 1) / n);
+      (*fn)(w, count * w / n, count * (w + 1) / n);
     }
   } job{&fn, count, n, Eigen::Barrier(static_cast<unsigned>(n - 1))};
   for (Index w = 1; w < n; ++w) {
@@ -44,6 +45,12 @@ void parallel_ranges(const Eigen::ThreadPoolDevice* device, Index count, const F
   }
   job.run(0);
   job.done.Wait();
+}
+
+/// parallel_workers for work that does not need to know its worker.
+template <class Fn>
+void parallel_ranges(const Eigen::ThreadPoolDevice* device, Index count, const Fn& fn) {
+  parallel_workers(device, count, [&fn](Index, Index begin, Index end) { fn(begin, end); });
 }
 
 }  // namespace bnorm::detail

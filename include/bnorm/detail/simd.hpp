@@ -54,6 +54,70 @@ inline Wide load_wide(const T* p) {
   }
 }
 
+/// Tails of runs go through the same vector code as their bodies, with packets cut to their first
+/// n lanes (0 < n < lanes): masked loads and stores where the target has them (AVX2, AVX-512),
+/// a copy through a small buffer elsewhere. Nothing at or past p + n is read or written.
+/// The other lanes of a loaded packet hold `fill`.
+template <class T>
+inline Packet<T> load_first(const T* p, Index n, T fill = T(0)) {
+#if defined(EIGEN_VECTORIZE_AVX512)
+  const auto m = static_cast<__mmask16>((1u << n) - 1);
+  if constexpr (std::is_same_v<T, float>) return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), m, p);
+  else return _mm512_mask_loadu_pd(_mm512_set1_pd(fill), static_cast<__mmask8>(m), p);
+#elif defined(EIGEN_VECTORIZE_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, m), _mm256_castsi256_ps(m));
+  } else {
+    const __m256i m = _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+    return _mm256_blendv_pd(_mm256_set1_pd(fill), _mm256_maskload_pd(p, m), _mm256_castsi256_pd(m));
+  }
+#else
+  alignas(64) T buffer[kLanes<T>];
+  for (Index i = 0; i < kLanes<T>; ++i) buffer[i] = i < n ? p[i] : fill;
+  return ei::pload<Packet<T>>(buffer);
+#endif
+}
+
+template <class T>
+inline void store_first(T* p, const Packet<T>& v, Index n) {
+#if defined(EIGEN_VECTORIZE_AVX512)
+  const auto m = static_cast<__mmask16>((1u << n) - 1);
+  if constexpr (std::is_same_v<T, float>) _mm512_mask_storeu_ps(p, m, v);
+  else _mm512_mask_storeu_pd(p, static_cast<__mmask8>(m), v);
+#elif defined(EIGEN_VECTORIZE_AVX2)
+  if constexpr (std::is_same_v<T, float>)
+    _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), v);
+  else _mm256_maskstore_pd(p, _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3)), v);
+#else
+  alignas(64) T buffer[kLanes<T>];
+  ei::pstore(buffer, v);
+  for (Index i = 0; i < n; ++i) p[i] = buffer[i];
+#endif
+}
+
+/// load_wide for the first n < kWideLanes values; the other lanes hold `fill`.
+template <class T>
+inline Wide load_wide_first(const T* p, Index n, double fill) {
+  if constexpr (std::is_same_v<T, double>) {
+    return load_first(p, n, fill);
+  } else {
+#if defined(EIGEN_VECTORIZE_AVX512)
+    const auto m = static_cast<__mmask8>((1u << n) - 1);
+    const __m256 v = _mm512_castps512_ps256(_mm512_maskz_loadu_ps(m, p));
+    return _mm512_mask_mov_pd(_mm512_set1_pd(fill), m, _mm512_cvtps_pd(v));
+#elif defined(EIGEN_VECTORIZE_AVX2)
+    const __m128i m = _mm_cmpgt_epi32(_mm_set1_epi32(int(n)), _mm_setr_epi32(0, 1, 2, 3));
+    const __m256d wide = _mm256_cvtps_pd(_mm_maskload_ps(p, m));
+    return _mm256_blendv_pd(_mm256_set1_pd(fill), wide, _mm256_castsi256_pd(_mm256_cvtepi32_epi64(m)));
+#else
+    alignas(64) double buffer[kWideLanes];
+    for (Index i = 0; i < kWideLanes; ++i) buffer[i] = i < n ? static_cast<double>(p[i]) : fill;
+    return ei::pload<Wide>(buffer);
+#endif
+  }
+}
+
 /// Stores a packet at an address aligned to the packet's size, bypassing the caches where the
 /// target has such a store.
 template <class T>
