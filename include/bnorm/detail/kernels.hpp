@@ -136,28 +136,6 @@ void prefetch_rows(const T* p, Index stride, Index width, Index rows) {
 inline constexpr Index kRunsAhead = 4;
 inline constexpr Index kShortRunBytes = 2048;
 
-/// Sum of the values, in T: only a shift for the centered pass, where T precision is plenty.
-/// Runs of `len` values at `stride` apart, `runs` of them.
-template <class T>
-double plain_sum_along(const T* x, Index stride, Index runs, Index len) {
-  using P = Packet<T>;
-  constexpr Index L = kLanes<T>;
-  P acc0 = ei::pset1<P>(T(0)), acc1 = acc0;
-  const bool ahead = len * Index(sizeof(T)) <= kShortRunBytes;
-  for (Index r = 0; r < runs; ++r) {
-    const T* p = x + r * stride;
-    if (ahead && r + kRunsAhead < runs) prefetch_rows(p + kRunsAhead * stride, stride, len, 1);
-    Index i = 0;
-    for (; i + 2 * L <= len; i += 2 * L) {
-      acc0 = ei::padd(acc0, ei::ploadu<P>(p + i));
-      acc1 = ei::padd(acc1, ei::ploadu<P>(p + i + L));
-    }
-    for (; i + L <= len; i += L) acc0 = ei::padd(acc0, ei::ploadu<P>(p + i));
-    if (i < len) acc1 = ei::padd(acc1, load_first(p + i, len - i));
-  }
-  return lane_sum(ei::padd(acc0, acc1));
-}
-
 /// Gradient sums: a += dy, b += dy * (x - center). Inputs: {dy, x}.
 struct GradientSums {
   static constexpr int kInputs = 2;
@@ -228,18 +206,25 @@ inline Partial centered_to_moments(const Partial& s, double center) {
   return {s.n, s.a / s.n, m2 < 0 ? 0.0 : m2, center};  // rounding can dip below 0; NaN stays
 }
 
-/// Moments of one ALONG block: a pass in T for a shift near the mean, then the centered pass in
-/// double, which is accurate however large the mean is next to the spread. The block is small
-/// enough that the second pass reads from L1.
+/// The shift of a block's centered sums: the mean of its first kShiftValues values (or fewer).
+/// One pass then gives the moments: with S1 = sum(x - K), S2 = sum((x - K)^2) in double,
+/// M2 = S2 - S1^2 / n loses about (1 + n (K - mean)^2 / M2) ulps to cancellation, and
+/// (K - mean)^2 is at most M2 / m for K the mean of m of the values: a few ulps for any data,
+/// however large its mean is next to its spread.
+inline constexpr Index kShiftValues = 64;
+
+template <class T>
+double shift_of(const T* x, Index m) {
+  double sum = 0;
+  for (Index i = 0; i < m; ++i) sum += static_cast<double>(x[i]);
+  if (std::isfinite(sum)) return sum / double(m);
+  return std::isfinite(static_cast<double>(x[0])) ? static_cast<double>(x[0]) : 0.0;  // NaN, inf
+}
+
+/// Moments of one ALONG block in one pass over it.
 template <class T>
 Partial moments_along(const T* x, Index stride, Index runs, Index len) {
-  const double n = double(runs * len);
-  double shift = plain_sum_along(x, stride, runs, len) / n;
-  if (!std::isfinite(shift)) {  // T overflowed (values near T's max) or the data is not finite
-    shift = centered_to_moments(step_sums_along<CenteredSums>(&x, stride, runs, len, 0.0), 0.0)
-                .mean();
-    if (!std::isfinite(shift)) shift = 0;
-  }
+  const double shift = shift_of(x, std::min(len, kShiftValues));
   return centered_to_moments(step_sums_along<CenteredSums>(&x, stride, runs, len, shift), shift);
 }
 
@@ -310,33 +295,25 @@ void step_sums_across(const T* const* in, Index channels, Index width, Index row
   for (; c < width; ++c) column(ScalarTag{}, std::integral_constant<int, 1>{}, c);
 }
 
-/// ACROSS: moments over a block of rows, every channel: a pass in T for a shift per channel,
-/// then the centered sums in double, which read the block from L2.
+/// ACROSS: moments over a block of rows, every channel, in one pass: the shift of a channel is
+/// the mean of its first rows (see shift_of). The block is requested row by row first.
 template <class T>
 void moments_across(const T* x, Index channels, Index rows, Partial* out) {
-  using P = Packet<T>;
-  constexpr Index L = kLanes<T>;
+  prefetch_rows(x, channels, channels, rows);
+  const Index m = std::min(rows, kShiftValues / 4);
   for (Index c0 = 0; c0 < channels; c0 += kStripe) {
     const Index width = std::min(kStripe, channels - c0);
-    alignas(64) T sum[kStripe];
     alignas(64) double shift[kStripe];
-    for (Index c = 0; c < width; ++c) sum[c] = T(0);
-    for (Index r = 0; r < rows; ++r) {
-      const T* row = x + r * channels + c0;
-      Index c = 0;
-      for (; c + L <= width; c += L)
-        ei::pstoreu(sum + c, ei::padd(ei::ploadu<P>(sum + c), ei::ploadu<P>(row + c)));
-      for (; c < width; ++c) sum[c] += row[c];
-    }
+    for (Index c = 0; c < width; ++c) shift[c] = 0;
+    for (Index r = 0; r < m; ++r)
+      for (Index c = 0; c < width; ++c) shift[c] += static_cast<double>(x[r * channels + c0 + c]);
     for (Index c = 0; c < width; ++c) {
-      shift[c] = static_cast<double>(sum[c]) / double(rows);
-      if (!std::isfinite(shift[c])) {  // T overflowed: a plain sum in double instead
-        double s = 0;
-        for (Index r = 0; r < rows; ++r) s += static_cast<double>(x[r * channels + c0 + c]);
-        shift[c] = std::isfinite(s) ? s / double(rows) : 0.0;
+      shift[c] /= double(m);
+      if (!std::isfinite(shift[c])) {  // NaN or inf among the values
+        const auto first = static_cast<double>(x[c0 + c]);
+        shift[c] = std::isfinite(first) ? first : 0.0;
       }
     }
-    // Pass one brought the block into cache; pass two walks it by columns.
     const T* in[] = {x + c0};
     step_sums_across<CenteredSums>(in, channels, width, rows, shift, out + c0);
     for (Index c = 0; c < width; ++c) out[c0 + c] = centered_to_moments(out[c0 + c], shift[c]);
@@ -501,15 +478,13 @@ Index chunk_table_size(const Geometry& g, Index channels, int coefs) {
 }
 
 /// ALONG, short runs: Op over rows [o0, o1) of channels [c0, c1), each row's channels as one
-/// run, with after_row() after every row. `table` has room for chunk_table_size.
-template <class Op, bool kStream, class T, class AfterRow>
+/// run. `table` has room for chunk_table_size.
+template <class Op, bool kStream, class T>
 void apply_chunk(const Geometry& g, const Streams<T, Op::kInputs>& s, const T* coef, T* table,
-                 Index c0, Index c1, Index o0, Index o1, AfterRow after_row) {
+                 Index c0, Index c1, Index o0, Index o1) {
   const auto k = layout_row_coefs(Op::kCoefs, g.channels, c0, c1, g.inner, coef, table);
-  for (Index o = o0; o < o1; ++o) {
+  for (Index o = o0; o < o1; ++o)
     apply_run<Op, kStream>(s, (o * g.channels + c0) * g.inner, (c1 - c0) * g.inner, k);
-    after_row();
-  }
 }
 
 /// Step 3 alone, split over rows, with the coefficients in ws.coefs. ACROSS, each worker
@@ -541,7 +516,7 @@ void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>
       T* table = ws.row_coefs.data() + w * slot;
       for (Index q = by_chunks ? i0 : 0; q < (by_chunks ? i1 : groups); ++q)
         apply_chunk<Op, kStream>(g, s, coef, table, q * group, std::min(g.channels, (q + 1) * group),
-                                 by_chunks ? 0 : i0, by_chunks ? g.outer : i1, [] {});
+                                 by_chunks ? 0 : i0, by_chunks ? g.outer : i1);
       if constexpr (kStream) stream_fence();
     });
   } else if (g.outer >= workers(device)) {
@@ -570,8 +545,8 @@ void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>
 // ---------------------------------------------------------------------------------------------
 // The three steps together.
 
-/// ALONG, one worker: how many channels it takes at a time, so that their inputs (and the next
-/// group's, prefetched meanwhile) stay in a per-core L2 cache.
+/// ALONG, one worker: how many channels it takes at a time, so that their inputs stay in a
+/// per-core L2 cache.
 inline constexpr Index kGroupBytes = Index{512} << 10;
 inline Index channels_per_group(const Geometry& g, int inputs, std::size_t element_bytes) {
   const Index bytes = g.per_channel() * inputs * Index(element_bytes);
@@ -614,9 +589,8 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
       }
     };
     if (workers(device) == 1 || C >= 4 * workers(device)) {
-      // Each worker takes whole channels, a group at a time, and does all three steps on the
-      // group from cache while it prefetches the next group: the reads from memory overlap
-      // the work, and with short rows (7 x 7 images) they still run through memory in order.
+      // Each worker takes whole channels, a group at a time, and does all three steps on a
+      // group, whose data the elementwise pass then reads back from cache.
       const bool chunks = g.inner < kShortRun;
       const Index group = std::min(channels_per_group(g, kReduceInputs, sizeof(T)),
                                    chunks ? chunk_channels(g) : C);
@@ -625,39 +599,21 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
       auto run = [&](auto streaming) {
         constexpr bool kStream = decltype(streaming)::value;
         parallel_workers(device, C, [&](Index worker, Index c0, Index c1) {
-          auto prefetch = [&](Index gc0, Index gc1, Index r0, Index r1) {
-            for (int k = 0; k < kReduceInputs; ++k)
-              for (Index r = r0; r < r1; ++r)
-                prefetch_rows(reduce_in[k] + (r * C + gc0) * g.inner, 0, (gc1 - gc0) * g.inner, 1);
-          };
-          prefetch(c0, std::min(c0 + group, c1), 0, g.outer);
           for (Index gc0 = c0; gc0 < c1; gc0 += group) {
-            const Index gc1 = std::min(gc0 + group, c1), next_end = std::min(gc1 + group, c1);
-            // The next group's rows are requested in step with the work done on this one.
-            const Index work = 2 * (gc1 - gc0) * g.outer;
-            Index done = 0, requested = 0;
-            auto progress = [&](Index units) {
-              done += units;
-              const Index target = gc1 < next_end ? done * g.outer / work : 0;
-              prefetch(gc1, next_end, requested, target);
-              requested = std::max(requested, target);
-            };
+            const Index gc1 = std::min(gc0 + group, c1);
             for (Index c = gc0; c < gc1; ++c) {
               Partial total;
               for (Index b = 0; b < bl.blocks; ++b) total = merge(total, block(c, b));
               finish(c, total, coef);
-              progress(g.outer);
             }
             if (chunks) {
               apply_chunk<Op, kStream>(g, s, coef, ws.row_coefs.data() + worker * slot, gc0, gc1,
-                                       0, g.outer, [&] { progress(gc1 - gc0); });
-              continue;
-            }
-            for (Index o = 0; o < g.outer; ++o) {
-              for (Index c = gc0; c < gc1; ++c)
-                apply_run<Op, kStream>(s, (o * C + c) * g.inner, g.inner,
-                                       RunCoefs<T, Op::kCoefs>(coef, C, c));
-              progress(gc1 - gc0);
+                                       0, g.outer);
+            } else {
+              for (Index o = 0; o < g.outer; ++o)
+                for (Index c = gc0; c < gc1; ++c)
+                  apply_run<Op, kStream>(s, (o * C + c) * g.inner, g.inner,
+                                         RunCoefs<T, Op::kCoefs>(coef, C, c));
             }
           }
           if constexpr (kStream) stream_fence();
