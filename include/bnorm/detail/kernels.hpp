@@ -478,13 +478,15 @@ Index chunk_table_size(const Geometry& g, Index channels, int coefs) {
 }
 
 /// ALONG, short runs: Op over rows [o0, o1) of channels [c0, c1), each row's channels as one
-/// run. `table` has room for chunk_table_size.
-template <class Op, bool kStream, class T>
+/// run, and after_row() after each. `table` has room for chunk_table_size.
+template <class Op, bool kStream, class T, class AfterRow>
 void apply_chunk(const Geometry& g, const Streams<T, Op::kInputs>& s, const T* coef, T* table,
-                 Index c0, Index c1, Index o0, Index o1) {
+                 Index c0, Index c1, Index o0, Index o1, AfterRow after_row) {
   const auto k = layout_row_coefs(Op::kCoefs, g.channels, c0, c1, g.inner, coef, table);
-  for (Index o = o0; o < o1; ++o)
+  for (Index o = o0; o < o1; ++o) {
     apply_run<Op, kStream>(s, (o * g.channels + c0) * g.inner, (c1 - c0) * g.inner, k);
+    after_row();
+  }
 }
 
 /// Step 3 alone, split over rows, with the coefficients in ws.coefs. ACROSS, each worker
@@ -516,7 +518,7 @@ void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>
       T* table = ws.row_coefs.data() + w * slot;
       for (Index q = by_chunks ? i0 : 0; q < (by_chunks ? i1 : groups); ++q)
         apply_chunk<Op, kStream>(g, s, coef, table, q * group, std::min(g.channels, (q + 1) * group),
-                                 by_chunks ? 0 : i0, by_chunks ? g.outer : i1);
+                                 by_chunks ? 0 : i0, by_chunks ? g.outer : i1, [] {});
       if constexpr (kStream) stream_fence();
     });
   } else if (g.outer >= workers(device)) {
@@ -599,21 +601,36 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
       auto run = [&](auto streaming) {
         constexpr bool kStream = decltype(streaming)::value;
         parallel_workers(device, C, [&](Index worker, Index c0, Index c1) {
+          // The reduction walks (channel, block) in order; `reduce(until)` advances it.
+          Index rc = c0, rb = 0, reduced = 0;
+          Partial total;
+          auto reduce = [&](Index until) {
+            for (; reduced < until; ++reduced) {
+              total = merge(total, block(rc, rb));
+              if (++rb == bl.blocks) {
+                finish(rc++, total, coef);
+                total = {};
+                rb = 0;
+              }
+            }
+          };
+          reduce(std::min(group, c1 - c0) * bl.blocks);
           for (Index gc0 = c0; gc0 < c1; gc0 += group) {
             const Index gc1 = std::min(gc0 + group, c1);
-            for (Index c = gc0; c < gc1; ++c) {
-              Partial total;
-              for (Index b = 0; b < bl.blocks; ++b) total = merge(total, block(c, b));
-              finish(c, total, coef);
-            }
+            // Rows of this group are applied while the next group is reduced, in proportion.
+            const Index first = reduced, items = (std::min(gc1 + group, c1) - gc1) * bl.blocks;
+            Index row = 0;
+            auto after_row = [&] { reduce(first + items * ++row / g.outer); };
             if (chunks) {
               apply_chunk<Op, kStream>(g, s, coef, ws.row_coefs.data() + worker * slot, gc0, gc1,
-                                       0, g.outer);
+                                       0, g.outer, after_row);
             } else {
-              for (Index o = 0; o < g.outer; ++o)
+              for (Index o = 0; o < g.outer; ++o) {
                 for (Index c = gc0; c < gc1; ++c)
                   apply_run<Op, kStream>(s, (o * C + c) * g.inner, g.inner,
                                          RunCoefs<T, Op::kCoefs>(coef, C, c));
+                after_row();
+              }
             }
           }
           if constexpr (kStream) stream_fence();
