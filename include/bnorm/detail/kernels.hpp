@@ -108,7 +108,7 @@ template <class T>
 struct Workspace {
   std::vector<Partial> partials;  // per block and channel
   std::vector<T> coefs;           // coefficient k of channel c at [k * channels + c]
-  std::vector<T> row_coefs;       // ACROSS: the coefficients laid out for RowCoefs
+  std::vector<T> row_coefs;       // coefficients laid out for RowCoefs (per worker)
   std::vector<double> centers;    // per channel
 };
 
@@ -159,25 +159,22 @@ struct CenteredSums {
   }
 };
 
-/// Sums of Step's two quantities in double over runs of one channel (ALONG).
-/// in[k] points at run 0 of input k; runs are `stride` apart. Four independent accumulators
-/// keep the adder pipeline busy and every chain of additions short (accuracy).
-template <class Step, class T>
-Partial step_sums_along(const T* const* in, Index stride, Index runs, Index len, double center) {
-  using W = Wide;
-  constexpr Index L = kWideLanes;
-  constexpr int U = 4;
-  const W c = ei::pset1<W>(center);
-  W a[U], b[U];
-  for (int u = 0; u < U; ++u) a[u] = b[u] = ei::pset1<W>(0.0);
-  const bool ahead = len * Index(sizeof(T)) <= kShortRunBytes;
-  for (Index r = 0; r < runs; ++r) {
-    const Index off = r * stride;
-    if (ahead && r + kRunsAhead < runs)
-      for (int k = 0; k < Step::kInputs; ++k)
-        prefetch_rows(in[k] + off + kRunsAhead * stride, stride, len, 1);
+/// Step's two sums in double over runs of one channel (ALONG), run by run. Four independent
+/// accumulators keep the adder pipeline busy and every chain of additions short (accuracy).
+struct RunSums {
+  static constexpr int U = 4;
+  Wide a[U], b[U];
+
+  RunSums() { reset(); }
+  void reset() {
+    for (int u = 0; u < U; ++u) a[u] = b[u] = ei::pset1<Wide>(0.0);
+  }
+  /// Adds the run of `len` values at in[k] + off. c is the center as a packet.
+  template <class Step, class T>
+  void add(const T* const* in, Index off, Index len, const Wide& c, double center) {
+    constexpr Index L = kWideLanes;
     Index i = 0;
-    W v[U][Step::kInputs];
+    Wide v[U][Step::kInputs];
     for (; i + U * L <= len; i += U * L) {
       unroll<U>([&](int u) {
         unroll<Step::kInputs>([&](int k) { v[u][k] = load_wide(in[k] + off + i + u * L); });
@@ -194,9 +191,27 @@ Partial step_sums_along(const T* const* in, Index stride, Index runs, Index len,
       Step::add(v[0], c, a[U - 1], b[U - 1]);
     }
   }
-  const W as = ei::padd(ei::padd(a[0], a[1]), ei::padd(a[2], a[3]));
-  const W bs = ei::padd(ei::padd(b[0], b[1]), ei::padd(b[2], b[3]));
-  return {double(runs * len), lane_sum(as), lane_sum(bs)};
+  Partial total(Index n) const {
+    const Wide as = ei::padd(ei::padd(a[0], a[1]), ei::padd(a[2], a[3]));
+    const Wide bs = ei::padd(ei::padd(b[0], b[1]), ei::padd(b[2], b[3]));
+    return {double(n), lane_sum(as), lane_sum(bs)};
+  }
+};
+
+/// Step's sums over `runs` runs of `len` values, `stride` apart; in[k] points at run 0 of
+/// input k.
+template <class Step, class T>
+Partial step_sums_along(const T* const* in, Index stride, Index runs, Index len, double center) {
+  const Wide c = ei::pset1<Wide>(center);
+  RunSums sums;
+  const bool ahead = len * Index(sizeof(T)) <= kShortRunBytes;
+  for (Index r = 0; r < runs; ++r) {
+    if (ahead && r + kRunsAhead < runs)
+      for (int k = 0; k < Step::kInputs; ++k)
+        prefetch_rows(in[k] + (r + kRunsAhead) * stride, stride, len, 1);
+    sums.add<Step>(in, r * stride, len, c, center);
+  }
+  return sums.total(runs * len);
 }
 
 /// Moments of a centered pass: mean = center + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n.
@@ -614,13 +629,16 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
               }
             }
           };
-          reduce(std::min(group, c1 - c0) * bl.blocks);
+          auto items = [&](Index gc0) {  // of the group starting at gc0
+            return (std::min(gc0 + group, c1) - std::min(gc0, c1)) * bl.blocks;
+          };
+          reduce(items(c0));
           for (Index gc0 = c0; gc0 < c1; gc0 += group) {
             const Index gc1 = std::min(gc0 + group, c1);
             // Rows of this group are applied while the next group is reduced, in proportion.
-            const Index first = reduced, items = (std::min(gc1 + group, c1) - gc1) * bl.blocks;
+            const Index first = reduced, items_next = items(gc1);
             Index row = 0;
-            auto after_row = [&] { reduce(first + items * ++row / g.outer); };
+            auto after_row = [&] { reduce(first + items_next * ++row / g.outer); };
             if (chunks) {
               apply_chunk<Op, kStream>(g, s, coef, ws.row_coefs.data() + worker * slot, gc0, gc1,
                                        0, g.outer, after_row);
