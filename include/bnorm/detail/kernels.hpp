@@ -115,6 +115,16 @@ struct Workspace {
 // ---------------------------------------------------------------------------------------------
 // Step 1: block reductions.
 
+/// Requests the cache line that holds p.
+template <class T>
+inline void prefetch(const T* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(p);
+#else
+  (void)p;
+#endif
+}
+
 /// Requests every cache line of `rows` rows of `width` values, `stride` apart, row by row.
 template <class T>
 void prefetch_rows(const T* p, Index stride, Index width, Index rows) {
@@ -249,13 +259,16 @@ Partial moments_along(const T* x, Index stride, Index runs, Index len) {
 /// rows alternate between kRowPhases accumulators: the adders' latency is hidden and every chain
 /// of additions stays short.
 inline constexpr Index kStripe = 256;
+inline constexpr Index kColumnAheadBytes = Index{256} << 10;
 inline constexpr int kRowPhases = 2;
 
 /// ACROSS: Step's sums for G packets W (of double lanes) of adjacent channels over `rows` rows
 /// (`channels` apart): one column of a block, accumulated in registers. center[] per channel.
+/// The column walked next (`next` values on, `next_rows` rows) is requested as it goes: memory
+/// is read one column ahead, with the requests spread over the work.
 template <class Step, class W, int G, class T>
 void step_columns(const T* const* in, Index channels, Index rows, const double* center,
-                  Partial* out) {
+                  Partial* out, Index next, Index next_rows) {
   constexpr Index WL = ei::unpacket_traits<W>::size;
   constexpr int R = kRowPhases;
   W a[R][G], b[R][G], c[G];
@@ -264,6 +277,11 @@ void step_columns(const T* const* in, Index channels, Index rows, const double* 
     unroll<R>([&](int u) { a[u][g] = b[u][g] = ei::pset1<W>(0.0); });
   });
   auto add_row = [&](Index row, int u) {
+    if (row < next_rows)
+      unroll<G>([&](int g) {
+        if ((g * WL * Index(sizeof(T))) % 64 == 0)  // a request per cache line
+          for (int k = 0; k < Step::kInputs; ++k) prefetch(in[k] + row * channels + g * WL + next);
+      });
     unroll<G>([&](int g) {
       W v[Step::kInputs];
       unroll<Step::kInputs>([&](int k) {
@@ -291,30 +309,35 @@ struct ScalarTag {
   using type = double;
 };
 
-/// ACROSS: Step's sums over `rows` rows for channels [0, width) (rows `channels` apart), by
-/// columns of four wide packets, then one, then single channels.
+/// ACROSS: Step's sums over `rows` rows for channels [first, first + width) of a block (in[k]
+/// points at `first`, rows are `channels` apart), by columns of four wide packets, then one,
+/// then single channels. The next block starts `next_block` values after this one and has
+/// `next_rows` rows (0: none); memory is requested one column ahead (see step_columns).
 template <class Step, class T>
-void step_sums_across(const T* const* in, Index channels, Index width, Index rows,
-                      const double* center, Partial* out) {
-  auto column = [&](auto tag, auto group, Index c) {
+void step_sums_across(const T* const* in, Index channels, Index first, Index width, Index rows,
+                      const double* center, Partial* out, Index next_block, Index next_rows) {
+  auto column = [&](auto tag, auto group, Index c, Index w) {
     const T* at[Step::kInputs];
     for (int k = 0; k < Step::kInputs; ++k) at[k] = in[k] + c;
-    step_columns<Step, typename decltype(tag)::type, decltype(group)::value>(at, channels, rows,
-                                                                           center + c, out + c);
+    // Next in memory: the channels after these in the same rows, or the next block's first.
+    const bool last = first + c + w >= channels;
+    step_columns<Step, typename decltype(tag)::type, decltype(group)::value>(
+        at, channels, rows, center + c, out + c, last ? next_block - (first + c) : w,
+        last ? next_rows : rows);
   };
   Index c = 0;
   for (; c + 4 * kWideLanes <= width; c += 4 * kWideLanes)
-    column(WideTag{}, std::integral_constant<int, 4>{}, c);
+    column(WideTag{}, std::integral_constant<int, 4>{}, c, 4 * kWideLanes);
   for (; c + kWideLanes <= width; c += kWideLanes)
-    column(WideTag{}, std::integral_constant<int, 1>{}, c);
-  for (; c < width; ++c) column(ScalarTag{}, std::integral_constant<int, 1>{}, c);
+    column(WideTag{}, std::integral_constant<int, 1>{}, c, kWideLanes);
+  for (; c < width; ++c) column(ScalarTag{}, std::integral_constant<int, 1>{}, c, 1);
 }
 
 /// ACROSS: moments over a block of rows, every channel, in one pass: the shift of a channel is
-/// the mean of its first rows (see shift_of). The block is requested row by row first.
+/// the mean of its first rows (see shift_of). next_block, next_rows: see step_sums_across.
 template <class T>
-void moments_across(const T* x, Index channels, Index rows, Partial* out) {
-  prefetch_rows(x, channels, channels, rows);
+void moments_across(const T* x, Index channels, Index rows, Partial* out, Index next_block,
+                    Index next_rows) {
   const Index m = std::min(rows, kShiftValues / 4);
   for (Index c0 = 0; c0 < channels; c0 += kStripe) {
     const Index width = std::min(kStripe, channels - c0);
@@ -330,7 +353,8 @@ void moments_across(const T* x, Index channels, Index rows, Partial* out) {
       }
     }
     const T* in[] = {x + c0};
-    step_sums_across<CenteredSums>(in, channels, width, rows, shift, out + c0);
+    step_sums_across<CenteredSums>(in, channels, c0, width, rows, shift, out + c0, next_block,
+                                   next_rows);
     for (Index c = 0; c < width; ++c) out[c0 + c] = centered_to_moments(out[c0 + c], shift[c]);
   }
 }
@@ -675,21 +699,22 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
   // ACROSS: block b holds rows [b * bl.rows, ...) of every channel.
   ws.partials.resize(std::size_t(C * bl.blocks));
   Partial* part = ws.partials.data();
+  // A column walk touches a page or more per row: memory is requested a column ahead only
+  // where the pages of one walk fit the first-level TLB, else a block at a time, row by row.
+  const bool ahead = bl.rows * C * Index(sizeof(T)) * kReduceInputs <= kColumnAheadBytes;
   parallel_ranges(device, bl.blocks, [&](Index b0, Index b1) {
     for (Index b = b0; b < b1; ++b) {
       const Index rows = bl.across_rows(g, b);
       const Index off = b * bl.rows * C;
+      const Index next_rows = ahead && b + 1 < b1 ? bl.across_rows(g, b + 1) : 0;
       Partial* out = part + b * C;
-      if constexpr (kMoments) {
-        moments_across(reduce_in[0] + off, C, rows, out);
-      } else {
-        const T* in[Step::kInputs];
-        for (int k = 0; k < Step::kInputs; ++k) {
-          in[k] = reduce_in[k] + off;
-          prefetch_rows(in[k], C, C, rows);
-        }
-        step_sums_across<Step>(in, C, C, rows, centers, out);
+      const T* in[kReduceInputs];
+      for (int k = 0; k < kReduceInputs; ++k) {
+        in[k] = reduce_in[k] + off;
+        if (b == b0 || !ahead) prefetch_rows(in[k], C, C, rows);  // in a burst
       }
+      if constexpr (kMoments) moments_across(in[0], C, rows, out, bl.rows * C, next_rows);
+      else step_sums_across<Step>(in, C, 0, C, rows, centers, out, bl.rows * C, next_rows);
     }
   });
   parallel_ranges(device, C, [&](Index c0, Index c1) {
