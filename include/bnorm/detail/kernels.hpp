@@ -717,11 +717,15 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
       else step_sums_across<Step>(in, C, 0, C, rows, centers, out, bl.rows * C, next_rows);
     }
   });
+  // Channels are merged side by side, so that their chains of merges overlap.
+  constexpr Index kSideBySide = 64;
   parallel_ranges(device, C, [&](Index c0, Index c1) {
-    for (Index c = c0; c < c1; ++c) {
-      Partial total;
-      for (Index b = 0; b < bl.blocks; ++b) total = merge(total, part[b * C + c]);
-      finish(c, total, coef);
+    for (Index first = c0; first < c1; first += kSideBySide) {
+      const Index n = std::min(kSideBySide, c1 - first);
+      Partial total[kSideBySide];
+      for (Index b = 0; b < bl.blocks; ++b)
+        for (Index j = 0; j < n; ++j) total[j] = merge(total[j], part[b * C + first + j]);
+      for (Index j = 0; j < n; ++j) finish(first + j, total[j], coef);
     }
   });
   apply_all<Op>(g, s, ws, device);
