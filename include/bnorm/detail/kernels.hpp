@@ -150,6 +150,10 @@ inline constexpr Index kShortRunBytes = 2048;
 struct GradientSums {
   static constexpr int kInputs = 2;
   static double fill(int k, double center) { return k == 0 ? 0.0 : center; }  // adds nothing
+  /// The sums centered on `to` from the sums centered on `from`.
+  static Partial recenter(const Partial& p, double from, double to) {
+    return {p.n, p.a, p.b + (from - to) * p.a};
+  }
   template <class W>
   static void add(const W* in, const W& center, W& a, W& b) {
     a = ei::padd(a, in[0]);
@@ -161,6 +165,10 @@ struct GradientSums {
 struct CenteredSums {
   static constexpr int kInputs = 1;
   static double fill(int, double center) { return center; }  // adds nothing
+  static Partial recenter(const Partial& p, double from, double to) {
+    const double d = from - to;
+    return {p.n, p.a + p.n * d, p.b + d * (2 * p.a + p.n * d)};
+  }
   template <class W>
   static void add(const W* in, const W& center, W& a, W& b) {
     const W d = ei::psub(in[0], center);
@@ -169,59 +177,90 @@ struct CenteredSums {
   }
 };
 
-/// Step's two sums in double over runs of one channel (ALONG), run by run. Four independent
-/// accumulators keep the adder pipeline busy and every chain of additions short (accuracy).
+/// Step's two sums over runs of one channel (ALONG), run by run, in packets of Scalar: T (the
+/// block's values are few enough per lane for T's precision, see step_sums_along) or double.
+/// Four independent accumulators keep the adder pipeline busy and every chain short.
+template <class Scalar>
 struct RunSums {
+  using P = Packet<Scalar>;
   static constexpr int U = 4;
-  Wide a[U], b[U];
+  static constexpr Index L = kLanes<Scalar>;
+  P a[U], b[U];
 
-  RunSums() { reset(); }
-  void reset() {
-    for (int u = 0; u < U; ++u) a[u] = b[u] = ei::pset1<Wide>(0.0);
+  RunSums() {
+    for (int u = 0; u < U; ++u) a[u] = b[u] = ei::pset1<P>(Scalar(0));
   }
-  /// Adds the run of `len` values at in[k] + off. c is the center as a packet.
+  /// Adds the run of `len` values at in[k] + off, centered on `center`.
   template <class Step, class T>
-  void add(const T* const* in, Index off, Index len, const Wide& c, double center) {
-    constexpr Index L = kWideLanes;
+  void add(const T* const* in, Index off, Index len, const P& c, Scalar center) {
+    auto load = [&](const T* p) {
+      if constexpr (std::is_same_v<Scalar, T>) return ei::ploadu<P>(p);
+      else return load_wide(p);
+    };
+    auto load_first_n = [&](const T* p, Index n, Scalar fill) {
+      if constexpr (std::is_same_v<Scalar, T>) return load_first(p, n, T(fill));
+      else return load_wide_first(p, n, fill);
+    };
     Index i = 0;
-    Wide v[U][Step::kInputs];
+    P v[U][Step::kInputs];
     for (; i + U * L <= len; i += U * L) {
       unroll<U>([&](int u) {
-        unroll<Step::kInputs>([&](int k) { v[u][k] = load_wide(in[k] + off + i + u * L); });
+        unroll<Step::kInputs>([&](int k) { v[u][k] = load(in[k] + off + i + u * L); });
         Step::add(v[u], c, a[u], b[u]);
       });
     }
     for (int u = 0; i + L <= len; i += L, ++u) {
-      for (int k = 0; k < Step::kInputs; ++k) v[0][k] = load_wide(in[k] + off + i);
+      for (int k = 0; k < Step::kInputs; ++k) v[0][k] = load(in[k] + off + i);
       Step::add(v[0], c, a[u], b[u]);
     }
     if (i < len) {
       for (int k = 0; k < Step::kInputs; ++k)
-        v[0][k] = load_wide_first(in[k] + off + i, len - i, Step::fill(k, center));
+        v[0][k] = load_first_n(in[k] + off + i, len - i, Scalar(Step::fill(k, center)));
       Step::add(v[0], c, a[U - 1], b[U - 1]);
     }
   }
   Partial total(Index n) const {
-    const Wide as = ei::padd(ei::padd(a[0], a[1]), ei::padd(a[2], a[3]));
-    const Wide bs = ei::padd(ei::padd(b[0], b[1]), ei::padd(b[2], b[3]));
-    return {double(n), lane_sum(as), lane_sum(bs)};
+    return {double(n), wide_sum(ei::padd(ei::padd(a[0], a[1]), ei::padd(a[2], a[3]))),
+            wide_sum(ei::padd(ei::padd(b[0], b[1]), ei::padd(b[2], b[3])))};
+  }
+  static double wide_sum(const P& p) {
+    Scalar lanes[L];
+    ei::pstoreu(lanes, p);
+    double sum = 0;
+    for (Index l = 0; l < L; ++l) sum += static_cast<double>(lanes[l]);
+    return sum;
   }
 };
 
 /// Step's sums over `runs` runs of `len` values, `stride` apart; in[k] points at run 0 of
-/// input k.
+/// input k. An ALONG block holds at most kAlongElems values, so each lane of each accumulator
+/// adds at most kAlongElems / (4 * lanes) of them: 32 floats with AVX-512, 64 with AVX2. Where
+/// that is at most kTermsInT, the sums run in T, three times less work than widening every value
+/// to double, for a few ulps at most; else (SSE, scalar code) in double. Sums in T are centered
+/// on the center rounded to T (subtractions near the mean are exact) and moved to the exact
+/// center in double; a block whose sums overflow T (values near T's maximum) or are not finite
+/// is summed again in double.
+inline constexpr Index kTermsInT = 64;
+
 template <class Step, class T>
 Partial step_sums_along(const T* const* in, Index stride, Index runs, Index len, double center) {
-  const Wide c = ei::pset1<Wide>(center);
-  RunSums sums;
-  const bool ahead = len * Index(sizeof(T)) <= kShortRunBytes;
-  for (Index r = 0; r < runs; ++r) {
-    if (ahead && r + kRunsAhead < runs)
-      for (int k = 0; k < Step::kInputs; ++k)
-        prefetch_rows(in[k] + (r + kRunsAhead) * stride, stride, len, 1);
-    sums.add<Step>(in, r * stride, len, c, center);
+  auto sums_in = [&](auto sums, auto at) {
+    const auto c = ei::pset1<typename decltype(sums)::P>(at);
+    const bool ahead = len * Index(sizeof(T)) <= kShortRunBytes;
+    for (Index r = 0; r < runs; ++r) {
+      if (ahead && r + kRunsAhead < runs)
+        for (int k = 0; k < Step::kInputs; ++k)
+          prefetch_rows(in[k] + (r + kRunsAhead) * stride, stride, len, 1);
+      sums.template add<Step>(in, r * stride, len, c, at);
+    }
+    return sums.total(runs * len);
+  };
+  if constexpr (Blocking::kAlongElems / (RunSums<T>::U * kLanes<T>) <= kTermsInT) {
+    const T near = T(center);
+    const Partial p = sums_in(RunSums<T>{}, near);
+    if (std::isfinite(p.a) && std::isfinite(p.b)) return Step::recenter(p, double(near), center);
   }
-  return sums.total(runs * len);
+  return sums_in(RunSums<double>{}, center);
 }
 
 /// Moments of a centered pass: mean = center + sum(d) / n, M2 = sum(d^2) - sum(d)^2 / n.
@@ -249,7 +288,7 @@ double shift_of(const T* x, Index m) {
 /// Moments of one ALONG block in one pass over it.
 template <class T>
 Partial moments_along(const T* x, Index stride, Index runs, Index len) {
-  const double shift = shift_of(x, std::min(len, kShiftValues));
+  const double shift = static_cast<T>(shift_of(x, std::min(len, kShiftValues)));  // see recenter
   return centered_to_moments(step_sums_along<CenteredSums>(&x, stride, runs, len, shift), shift);
 }
 
