@@ -70,6 +70,7 @@ struct Blocking {
   static constexpr Index kAlongElems = 2048;  // 8 KiB of floats: pass two reads from L1
   // ACROSS (inner == 1): block b covers rows [b * rows, ...) of every channel.
   static constexpr Index kAcrossElems = Index{1} << 17;  // 512 KiB of floats: L2-resident
+  static constexpr Index kAcrossRowsMax = 128;
 
   Index rows = 1;    // rows per block
   Index pieces = 1;  // ALONG: blocks per row (long rows are cut into pieces)
@@ -78,7 +79,7 @@ struct Blocking {
 
   explicit Blocking(const Geometry& g) {
     if (g.across()) {
-      rows = std::clamp<Index>(kAcrossElems / std::max<Index>(g.channels, 1), 16, 256);
+      rows = std::clamp<Index>(kAcrossElems / std::max<Index>(g.channels, 1), 16, kAcrossRowsMax);
       blocks = (g.outer + rows - 1) / rows;
     } else if (g.inner >= kAlongElems) {
       pieces = (g.inner + kAlongElems - 1) / kAlongElems;
@@ -301,19 +302,20 @@ inline constexpr Index kStripe = 256;
 inline constexpr Index kColumnAheadBytes = Index{256} << 10;
 inline constexpr int kRowPhases = 2;
 
-/// ACROSS: Step's sums for G packets W (of double lanes) of adjacent channels over `rows` rows
-/// (`channels` apart): one column of a block, accumulated in registers. center[] per channel.
+/// ACROSS: Step's sums for G packets W (of lanes S: T or double) of adjacent channels over
+/// `rows` rows (`channels` apart): one column of a block, accumulated in registers. center[]
+/// per channel.
 /// The column walked next (`next` values on, `next_rows` rows) is requested as it goes: memory
 /// is read one column ahead, with the requests spread over the work.
-template <class Step, class W, int G, class T>
-void step_columns(const T* const* in, Index channels, Index rows, const double* center,
-                  Partial* out, Index next, Index next_rows) {
+template <class Step, class W, int G, class T, class S>
+void step_columns(const T* const* in, Index channels, Index rows, const S* center, Partial* out,
+                  Index next, Index next_rows) {
   constexpr Index WL = ei::unpacket_traits<W>::size;
   constexpr int R = kRowPhases;
   W a[R][G], b[R][G], c[G];
   unroll<G>([&](int g) {
     c[g] = ei::ploadu<W>(center + g * WL);
-    unroll<R>([&](int u) { a[u][g] = b[u][g] = ei::pset1<W>(0.0); });
+    unroll<R>([&](int u) { a[u][g] = b[u][g] = ei::pset1<W>(S(0)); });
   });
   auto add_row = [&](Index row, int u) {
     if (row < next_rows)
@@ -324,8 +326,10 @@ void step_columns(const T* const* in, Index channels, Index rows, const double* 
     unroll<G>([&](int g) {
       W v[Step::kInputs];
       unroll<Step::kInputs>([&](int k) {
-        if constexpr (WL == 1) v[k] = static_cast<double>(in[k][row * channels + g]);
-        else v[k] = load_wide(in[k] + row * channels + g * WL);
+        const T* p = in[k] + row * channels + g * WL;
+        if constexpr (WL == 1) v[k] = static_cast<S>(*p);
+        else if constexpr (std::is_same_v<S, T>) v[k] = ei::ploadu<W>(p);
+        else v[k] = load_wide(p);
       });
       Step::add(v, c[g], a[u][g], b[u][g]);
     });
@@ -334,27 +338,29 @@ void step_columns(const T* const* in, Index channels, Index rows, const double* 
   for (; r + R <= rows; r += R) unroll<R>([&](int u) { add_row(r + u, u); });
   for (int u = 0; r < rows; ++r, ++u) add_row(r, u);
   unroll<G>([&](int g) {
-    double as[WL], bs[WL];
+    S as[WL], bs[WL];
     ei::pstoreu(as, ei::padd(a[0][g], a[1][g]));
     ei::pstoreu(bs, ei::padd(b[0][g], b[1][g]));
-    for (Index l = 0; l < WL; ++l) out[g * WL + l] = {double(rows), as[l], bs[l]};
+    for (Index l = 0; l < WL; ++l) out[g * WL + l] = {double(rows), double(as[l]), double(bs[l])};
   });
 }
 
-struct WideTag {
-  using type = Wide;
+template <class S>
+struct PacketTag {
+  using type = Packet<S>;
 };
+template <class S>
 struct ScalarTag {
-  using type = double;
+  using type = S;
 };
 
-/// ACROSS: Step's sums over `rows` rows for channels [first, first + width) of a block (in[k]
-/// points at `first`, rows are `channels` apart), by columns of four wide packets, then one,
+/// ACROSS: Step's sums in S over `rows` rows for channels [first, first + width) of a block
+/// (in[k] points at `first`, rows are `channels` apart), by columns of four packets, then one,
 /// then single channels. The next block starts `next_block` values after this one and has
 /// `next_rows` rows (0: none); memory is requested one column ahead (see step_columns).
-template <class Step, class T>
-void step_sums_across(const T* const* in, Index channels, Index first, Index width, Index rows,
-                      const double* center, Partial* out, Index next_block, Index next_rows) {
+template <class S, class Step, class T>
+void columns_across(const T* const* in, Index channels, Index first, Index width, Index rows,
+                    const S* center, Partial* out, Index next_block, Index next_rows) {
   auto column = [&](auto tag, auto group, Index c, Index w) {
     const T* at[Step::kInputs];
     for (int k = 0; k < Step::kInputs; ++k) at[k] = in[k] + c;
@@ -364,12 +370,43 @@ void step_sums_across(const T* const* in, Index channels, Index first, Index wid
         at, channels, rows, center + c, out + c, last ? next_block - (first + c) : w,
         last ? next_rows : rows);
   };
+  constexpr Index L = kLanes<S>;
   Index c = 0;
-  for (; c + 4 * kWideLanes <= width; c += 4 * kWideLanes)
-    column(WideTag{}, std::integral_constant<int, 4>{}, c, 4 * kWideLanes);
-  for (; c + kWideLanes <= width; c += kWideLanes)
-    column(WideTag{}, std::integral_constant<int, 1>{}, c, kWideLanes);
-  for (; c < width; ++c) column(ScalarTag{}, std::integral_constant<int, 1>{}, c, 1);
+  for (; c + 4 * L <= width; c += 4 * L) column(PacketTag<S>{}, std::integral_constant<int, 4>{}, c, 4 * L);
+  for (; c + L <= width; c += L) column(PacketTag<S>{}, std::integral_constant<int, 1>{}, c, L);
+  for (; c < width; ++c) column(ScalarTag<S>{}, std::integral_constant<int, 1>{}, c, 1);
+}
+
+/// ACROSS: columns_across in T where each accumulator adds at most kTermsInT values (as
+/// step_sums_along does: centered on the centers rounded to T, moved to the exact centers in
+/// double, a channel summed again in double if its sums are not finite), else in double.
+template <class Step, class T>
+void step_sums_across(const T* const* in, Index channels, Index first, Index width, Index rows,
+                      const double* center, Partial* out, Index next_block, Index next_rows) {
+  if constexpr (!std::is_same_v<T, double> &&
+                Blocking::kAcrossRowsMax / kRowPhases <= kTermsInT) {
+    for (Index s0 = 0; s0 < width; s0 += kStripe) {
+      const Index sw = std::min(kStripe, width - s0);
+      alignas(64) T near[kStripe];
+      for (Index c = 0; c < sw; ++c) near[c] = static_cast<T>(center[s0 + c]);
+      const T* at[Step::kInputs];
+      for (int k = 0; k < Step::kInputs; ++k) at[k] = in[k] + s0;
+      Partial* o = out + s0;
+      columns_across<T, Step>(at, channels, first + s0, sw, rows, near, o, next_block, next_rows);
+      for (Index c = 0; c < sw; ++c) {
+        if (std::isfinite(o[c].a) && std::isfinite(o[c].b)) {
+          o[c] = Step::recenter(o[c], double(near[c]), center[s0 + c]);
+          continue;
+        }
+        const T* one[Step::kInputs];
+        for (int k = 0; k < Step::kInputs; ++k) one[k] = at[k] + c;
+        step_columns<Step, double, 1>(one, channels, rows, center + s0 + c, o + c, 0, 0);
+      }
+    }
+  } else {
+    columns_across<double, Step>(in, channels, first, width, rows, center, out, next_block,
+                                 next_rows);
+  }
 }
 
 /// ACROSS: moments over a block of rows, every channel, in one pass: the shift of a channel is
