@@ -419,8 +419,13 @@ void moments_across(const T* x, Index channels, Index rows, Partial* out, Index 
     const Index width = std::min(kStripe, channels - c0);
     alignas(64) double shift[kStripe];
     for (Index c = 0; c < width; ++c) shift[c] = 0;
-    for (Index r = 0; r < m; ++r)
-      for (Index c = 0; c < width; ++c) shift[c] += static_cast<double>(x[r * channels + c0 + c]);
+    for (Index r = 0; r < m; ++r) {
+      const T* row = x + r * channels + c0;
+      Index c = 0;
+      for (; c + kWideLanes <= width; c += kWideLanes)
+        ei::pstore(shift + c, ei::padd(ei::pload<Wide>(shift + c), load_wide(row + c)));
+      for (; c < width; ++c) shift[c] += static_cast<double>(row[c]);
+    }
     for (Index c = 0; c < width; ++c) {
       shift[c] /= double(m);
       if (!std::isfinite(shift[c])) {  // NaN or inf among the values
