@@ -2,7 +2,8 @@
 // The kernel core, in the three steps every normalization is made of:
 //
 //   1. per-block reductions (moments of x, or the two gradient sums), each block fixed by the
-//      shape alone and reduced in double with SIMD;
+//      shape alone and reduced with SIMD (in T where few values meet in each accumulator, else in
+//      double), centered near the block's mean;
 //   2. their merge per channel, in a fixed order (Chan's formula for moments, plain sums for
 //      gradients), which turns into per-channel coefficients;
 //   3. an elementwise pass that applies the coefficients (normalize, or the input gradient).

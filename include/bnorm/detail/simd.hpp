@@ -2,8 +2,10 @@
 // The portable SIMD layer: Eigen's own packet functions (SSE, AVX, AVX-512, NEON, AltiVec, ...
 // chosen by the compiler flags of the translation unit, a plain scalar when EIGEN_DONT_VECTORIZE
 // is defined) plus the one operation Eigen 3.4 lacks on x86 beyond SSE: loading floats widened to
-// a packet of doubles. Statistics and gradient sums accumulate in double: accurate for data whose
-// mean is 1e4 times its spread, and no overflow for float values near FLT_MAX.
+// a packet of doubles, and masked loads and stores for the ends of runs. Blocks of statistics and
+// gradient sums accumulate in T where each accumulator adds few values, else in double, and
+// always merge in double (see kernels.hpp): accurate for data whose mean is 1e4 times its
+// spread, and no overflow for float values near FLT_MAX.
 //
 // Why Eigen's packets rather than another SIMD library: Eigen is already our only dependency,
 // its packet layer is what the Tensor module itself runs on, and it covers every target we care
