@@ -178,9 +178,9 @@ void dnnl_bench(benchmark::State& state, const Case& c, const std::string& layou
   const engine eng(engine::kind::cpu, 0);
   stream strm(eng);
   memory::dims dims(c.dims.begin(), c.dims.end());
-  // (N, C) has no blocked layout of its own: its blocked run is the same bytes seen as
-  // (N, C, 1, 1) in nChw16c, which is how a user would reach oneDNN's fast kernels.
-  if (dims.size() == 2 && layout == "nChw16c") dims.insert(dims.end(), {1, 1});
+  // oneDNN 2.6 has fast kernels for 4D data only: (N, C) and (N, C, L) run as the same bytes
+  // seen as (N, C, 1, 1) and (N, C, L, 1), which is how a user would reach them.
+  if (layout != "NCHW" || dims.size() == 3) dims.resize(4, 1);
   const std::size_t rank = dims.size();
   tag t = tag::undef;
   if (layout == "NCHW") t = rank == 2 ? tag::nc : rank == 3 ? tag::ncw : tag::nchw;
