@@ -156,12 +156,6 @@ EIGEN_ALWAYS_INLINE void unroll(F&& f) {
   unroll_impl(f, std::make_integer_sequence<int, N>{});
 }
 
-/// Sum of a packet's lanes, as double.
-template <class P>
-inline double lane_sum(const P& p) {
-  return static_cast<double>(ei::predux(p));
-}
-
 }  // namespace bnorm::detail
 
 #include "warnings_end.hpp"
