@@ -130,16 +130,12 @@ inline void prefetch(const T* p) {
 /// Requests every cache line of `rows` rows of `width` values, `stride` apart, row by row.
 template <class T>
 void prefetch_rows(const T* p, Index stride, Index width, Index rows) {
-#if defined(__GNUC__)
   for (Index r = 0; r < rows; ++r) {
     const auto end = reinterpret_cast<std::uintptr_t>(p + r * stride + width);
     for (auto line = reinterpret_cast<std::uintptr_t>(p + r * stride) & ~std::uintptr_t{63};
          line < end; line += 64)
-      __builtin_prefetch(reinterpret_cast<const void*>(line));
+      prefetch(reinterpret_cast<const char*>(line));
   }
-#else
-  (void)p, (void)stride, (void)width, (void)rows;
-#endif
 }
 
 /// ALONG runs are a channel's rows, a whole batch row apart: with short rows (7 x 7 images)
