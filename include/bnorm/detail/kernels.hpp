@@ -70,8 +70,9 @@ struct Blocking {
   // channel, and within each row the elements [first, first + len) of the inner run.
   static constexpr Index kAlongElems = 2048;  // 8 KiB of floats: pass two reads from L1
   // ACROSS (inner == 1): block b covers rows [b * rows, ...) of every channel.
-  static constexpr Index kAcrossElems = Index{1} << 17;  // 512 KiB of floats: L2-resident
-  static constexpr Index kAcrossRowsMax = 128;
+  // Large blocks: each one ends with scalar work per channel (finishing its sums, merging them).
+  static constexpr Index kAcrossElems = Index{1} << 20;
+  static constexpr Index kAcrossRowsMax = 4096;
 
   Index rows = 1;    // rows per block
   Index pieces = 1;  // ALONG: blocks per row (long rows are cut into pieces)
@@ -112,6 +113,7 @@ struct Workspace {
   std::vector<T> coefs;           // coefficient k of channel c at [k * channels + c]
   std::vector<T> row_coefs;       // coefficients laid out for RowCoefs (per worker)
   std::vector<double> centers;    // per channel
+  std::vector<T> sweeps;          // ACROSS reductions' accumulators (per worker)
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -277,8 +279,14 @@ inline constexpr Index kShiftValues = 64;
 
 template <class T>
 double shift_of(const T* x, Index m) {
-  double sum = 0;
-  for (Index i = 0; i < m; ++i) sum += static_cast<double>(x[i]);
+  // In packets: one scalar chain of 64 dependent additions would cost a small block a third of
+  // its time.
+  Wide acc[2] = {ei::pset1<Wide>(0.0), ei::pset1<Wide>(0.0)};
+  Index i = 0;
+  for (int u = 0; i + kWideLanes <= m; i += kWideLanes, u ^= 1)
+    acc[u] = ei::padd(acc[u], load_wide(x + i));
+  if (i < m) acc[1] = ei::padd(acc[1], load_wide_first(x + i, m - i, 0.0));
+  const double sum = ei::predux(ei::padd(acc[0], acc[1]));
   if (std::isfinite(sum)) return sum / double(m);
   return std::isfinite(static_cast<double>(x[0])) ? static_cast<double>(x[0]) : 0.0;  // NaN, inf
 }
@@ -290,151 +298,133 @@ Partial moments_along(const T* x, Index stride, Index runs, Index len) {
   return centered_to_moments(step_sums_along<CenteredSums>(&x, stride, runs, len, shift), shift);
 }
 
-/// ACROSS reductions take a block of rows and every channel. Memory is read row by row
-/// (sequentially, which the hardware prefetches well); the sums then walk the block, now in
-/// cache, by columns of adjacent channels whose accumulators stay in registers. Each column's
-/// rows alternate between kRowPhases accumulators: the adders' latency is hidden and every chain
-/// of additions stays short.
-inline constexpr Index kStripe = 256;
-inline constexpr Index kColumnAheadBytes = Index{256} << 10;
-inline constexpr int kRowPhases = 2;
+/// ACROSS reductions sweep a block row by row: memory is read in order, which the hardware
+/// prefetches, with four rows in flight at a time. Every channel's accumulators live in a
+/// per-worker table (a few KiB per thousand channels, so it stays in L1 or L2) and are loaded
+/// and stored once per four rows. Rows alternate between two sets of accumulators, and a block is
+/// summed in sub-blocks of 2 * kTermsInT rows whose sums in T are added up in double: each lane
+/// adds at most kTermsInT values in T, as in step_sums_along.
 
-/// ACROSS: Step's sums for G packets W (of lanes S: T or double) of adjacent channels over
-/// `rows` rows (`channels` apart): one column of a block, accumulated in registers. center[]
-/// per channel.
-/// The column walked next (`next` values on, `next_rows` rows) is requested as it goes: memory
-/// is read one column ahead, with the requests spread over the work.
-template <class Step, class W, int G, class T, class S>
-void step_columns(const T* const* in, Index channels, Index rows, const S* center, Partial* out,
-                  Index next, Index next_rows) {
-  constexpr Index WL = ei::unpacket_traits<W>::size;
-  constexpr int R = kRowPhases;
-  W a[R][G], b[R][G], c[G];
-  unroll<G>([&](int g) {
-    c[g] = ei::ploadu<W>(center + g * WL);
-    unroll<R>([&](int u) { a[u][g] = b[u][g] = ei::pset1<W>(S(0)); });
-  });
-  auto add_row = [&](Index row, int u) {
-    if (row < next_rows)
-      unroll<G>([&](int g) {
-        if ((g * WL * Index(sizeof(T))) % 64 == 0)  // a request per cache line
-          for (int k = 0; k < Step::kInputs; ++k) prefetch(in[k] + row * channels + g * WL + next);
+/// Values of T per channel table, padded to whole packets: the padding lanes load zeros (inputs
+/// and centers alike) and so add nothing.
+template <class T>
+Index padded(Index channels) {
+  return (channels + kLanes<T> - 1) / kLanes<T> * kLanes<T>;
+}
+
+/// Room a worker needs for the ACROSS reductions of `channels` channels: centers and the two
+/// sets of two sums.
+template <class T>
+Index sweep_scratch_size(Index channels) {
+  return 5 * padded<T>(channels);
+}
+
+/// Step's sums over the R rows row[0..R) of a block into the accumulators acc (set s of sum q at
+/// acc[(2 * s + q) * stride]), row[j] into set (S + j) % 2, centered on near[].
+template <class Step, int R, int S, class T>
+void sweep_rows(const T* const* in, Index C, const Index* row, const T* near, T* acc,
+                Index stride) {
+  using P = Packet<T>;
+  constexpr Index L = kLanes<T>;
+  const T* at[R][Step::kInputs];
+  unroll<R>([&](int j) { unroll<Step::kInputs>([&](int i) { at[j][i] = in[i] + row[j] * C; }); });
+  auto packets = [&](Index c, auto cut) {
+    P sum[2][2];
+    unroll<2>([&](int s) {
+      unroll<2>([&](int q) { sum[s][q] = ei::ploadu<P>(acc + (2 * s + q) * stride + c); });
+    });
+    const P k = ei::ploadu<P>(near + c);
+    unroll<R>([&](int j) {
+      P v[Step::kInputs];
+      unroll<Step::kInputs>([&](int i) {
+        if constexpr (decltype(cut)::value) v[i] = load_first(at[j][i] + c, C - c);
+        else v[i] = ei::ploadu<P>(at[j][i] + c);
       });
-    unroll<G>([&](int g) {
-      W v[Step::kInputs];
-      unroll<Step::kInputs>([&](int k) {
-        const T* p = in[k] + row * channels + g * WL;
-        if constexpr (WL == 1) v[k] = static_cast<S>(*p);
-        else if constexpr (std::is_same_v<S, T>) v[k] = ei::ploadu<W>(p);
-        else v[k] = load_wide(p);
-      });
-      Step::add(v, c[g], a[u][g], b[u][g]);
+      Step::add(v, k, sum[(S + j) % 2][0], sum[(S + j) % 2][1]);
+    });
+    unroll<2>([&](int s) {
+      unroll<2>([&](int q) { ei::pstoreu(acc + (2 * s + q) * stride + c, sum[s][q]); });
     });
   };
-  Index r = 0;
-  for (; r + R <= rows; r += R) unroll<R>([&](int u) { add_row(r + u, u); });
-  for (int u = 0; r < rows; ++r, ++u) add_row(r, u);
-  unroll<G>([&](int g) {
-    S as[WL], bs[WL];
-    ei::pstoreu(as, ei::padd(a[0][g], a[1][g]));
-    ei::pstoreu(bs, ei::padd(b[0][g], b[1][g]));
-    for (Index l = 0; l < WL; ++l) out[g * WL + l] = {double(rows), double(as[l]), double(bs[l])};
-  });
-}
-
-template <class S>
-struct PacketTag {
-  using type = Packet<S>;
-};
-template <class S>
-struct ScalarTag {
-  using type = S;
-};
-
-/// ACROSS: Step's sums in S over `rows` rows for channels [first, first + width) of a block
-/// (in[k] points at `first`, rows are `channels` apart), by columns of four packets, then one,
-/// then single channels. The next block starts `next_block` values after this one and has
-/// `next_rows` rows (0: none); memory is requested one column ahead (see step_columns).
-template <class S, class Step, class T>
-void columns_across(const T* const* in, Index channels, Index first, Index width, Index rows,
-                    const S* center, Partial* out, Index next_block, Index next_rows) {
-  auto column = [&](auto tag, auto group, Index c, Index w) {
-    const T* at[Step::kInputs];
-    for (int k = 0; k < Step::kInputs; ++k) at[k] = in[k] + c;
-    // Next in memory: the channels after these in the same rows, or the next block's first.
-    const bool last = first + c + w >= channels;
-    step_columns<Step, typename decltype(tag)::type, decltype(group)::value>(
-        at, channels, rows, center + c, out + c, last ? next_block - (first + c) : w,
-        last ? next_rows : rows);
-  };
-  constexpr Index L = kLanes<S>;
   Index c = 0;
-  for (; c + 4 * L <= width; c += 4 * L) column(PacketTag<S>{}, std::integral_constant<int, 4>{}, c, 4 * L);
-  for (; c + L <= width; c += L) column(PacketTag<S>{}, std::integral_constant<int, 1>{}, c, L);
-  for (; c < width; ++c) column(ScalarTag<S>{}, std::integral_constant<int, 1>{}, c, 1);
+  for (; c + L <= C; c += L) packets(c, std::false_type{});
+  if (c < C) packets(c, std::true_type{});
 }
 
-/// ACROSS: columns_across in T where each accumulator adds at most kTermsInT values (as
-/// step_sums_along does: centered on the centers rounded to T, moved to the exact centers in
-/// double, a channel summed again in double if its sums are not finite), else in double.
+/// ACROSS: Step's sums over a block of `rows` rows (C values apart) for every channel, centered
+/// on near[c], into out[c]. scratch: sweep_scratch_size, of which near[] may be the first part.
+/// A channel whose sums in T are not finite (values near T's maximum, NaN, inf) is summed again
+/// in double on its own, so it cannot change another channel's bits.
 template <class Step, class T>
-void step_sums_across(const T* const* in, Index channels, Index first, Index width, Index rows,
-                      const double* center, Partial* out, Index next_block, Index next_rows) {
-  if constexpr (!std::is_same_v<T, double> &&
-                Blocking::kAcrossRowsMax / kRowPhases <= kTermsInT) {
-    for (Index s0 = 0; s0 < width; s0 += kStripe) {
-      const Index sw = std::min(kStripe, width - s0);
-      alignas(64) T near[kStripe];
-      for (Index c = 0; c < sw; ++c) near[c] = static_cast<T>(center[s0 + c]);
-      const T* at[Step::kInputs];
-      for (int k = 0; k < Step::kInputs; ++k) at[k] = in[k] + s0;
-      Partial* o = out + s0;
-      columns_across<T, Step>(at, channels, first + s0, sw, rows, near, o, next_block, next_rows);
-      for (Index c = 0; c < sw; ++c) {
-        if (std::isfinite(o[c].a) && std::isfinite(o[c].b)) {
-          o[c] = Step::recenter(o[c], double(near[c]), center[s0 + c]);
-          continue;
-        }
-        const T* one[Step::kInputs];
-        for (int k = 0; k < Step::kInputs; ++k) one[k] = at[k] + c;
-        step_columns<Step, double, 1>(one, channels, rows, center + s0 + c, o + c, 0, 0);
-      }
+void sweep_across(const T* const* in, Index C, Index rows, const T* near, T* scratch,
+                  Partial* out) {
+  const Index stride = padded<T>(C);
+  T* acc = scratch + stride;
+  constexpr Index sub = 2 * kTermsInT;  // also in double: short chains of additions err less
+  for (Index c = 0; c < C; ++c) out[c] = {double(rows), 0, 0};
+  for (Index r0 = 0; r0 < rows; r0 += sub) {
+    const Index r1 = std::min(rows, r0 + sub);
+    std::fill_n(acc, 4 * stride, T(0));
+    // Four rows at a time, one from each quarter of the sub-block: four streams far apart
+    // keep more memory requests in flight than one.
+    const Index q = (r1 - r0) / 4;
+    for (Index r = r0; r < r0 + q; ++r) {
+      const Index row[4] = {r, r + q, r + 2 * q, r + 3 * q};
+      sweep_rows<Step, 4, 0>(in, C, row, near, acc, stride);
     }
-  } else {
-    columns_across<double, Step>(in, channels, first, width, rows, center, out, next_block,
-                                 next_rows);
+    for (Index r = r0 + 4 * q; r < r1; ++r) {
+      if ((r - r0) % 2 == 0) sweep_rows<Step, 1, 0>(in, C, &r, near, acc, stride);
+      else sweep_rows<Step, 1, 1>(in, C, &r, near, acc, stride);
+    }
+    for (Index c = 0; c < C; ++c) {
+      out[c].a += double(acc[c]) + double(acc[2 * stride + c]);
+      out[c].b += double(acc[stride + c]) + double(acc[3 * stride + c]);
+    }
+  }
+  if constexpr (!std::is_same_v<T, double>) {
+    for (Index c = 0; c < C; ++c) {
+      if (std::isfinite(out[c].a) && std::isfinite(out[c].b)) continue;
+      double a = 0, b = 0, v[Step::kInputs];
+      for (Index r = 0; r < rows; ++r) {
+        for (int i = 0; i < Step::kInputs; ++i) v[i] = double(in[i][r * C + c]);
+        Step::add(v, double(near[c]), a, b);
+      }
+      out[c] = {double(rows), a, b};
+    }
   }
 }
 
-/// ACROSS: moments over a block of rows, every channel, in one pass: the shift of a channel is
-/// the mean of its first rows (see shift_of). next_block, next_rows: see step_sums_across.
+/// ACROSS: Step's sums over a block of rows, centered on center[c] (see sweep_across).
+template <class Step, class T>
+void step_sums_across(const T* const* in, Index C, Index rows, const double* center, T* scratch,
+                      Partial* out) {
+  T* near = scratch;  // the centers rounded to T: subtractions near them are exact
+  for (Index c = 0; c < padded<T>(C); ++c) near[c] = c < C ? T(center[c]) : T(0);
+  sweep_across<Step>(in, C, rows, near, scratch, out);
+  for (Index c = 0; c < C; ++c) out[c] = Step::recenter(out[c], double(near[c]), center[c]);
+}
+
+/// ACROSS: moments over a block of rows in one pass: a channel's shift is the mean of its
+/// first rows (see shift_of).
 template <class T>
-void moments_across(const T* x, Index channels, Index rows, Partial* out, Index next_block,
-                    Index next_rows) {
-  const Index m = std::min(rows, kShiftValues / 4);
-  for (Index c0 = 0; c0 < channels; c0 += kStripe) {
-    const Index width = std::min(kStripe, channels - c0);
-    alignas(64) double shift[kStripe];
-    for (Index c = 0; c < width; ++c) shift[c] = 0;
-    for (Index r = 0; r < m; ++r) {
-      const T* row = x + r * channels + c0;
-      Index c = 0;
-      for (; c + kWideLanes <= width; c += kWideLanes)
-        ei::pstore(shift + c, ei::padd(ei::pload<Wide>(shift + c), load_wide(row + c)));
-      for (; c < width; ++c) shift[c] += static_cast<double>(row[c]);
-    }
-    for (Index c = 0; c < width; ++c) {
-      shift[c] /= double(m);
-      if (!std::isfinite(shift[c])) {  // NaN or inf among the values
-        const auto first = static_cast<double>(x[c0 + c]);
-        shift[c] = std::isfinite(first) ? first : 0.0;
-      }
-    }
-    const T* in[] = {x + c0};
-    step_sums_across<CenteredSums>(in, channels, c0, width, rows, shift, out + c0, next_block,
-                                   next_rows);
-    for (Index c = 0; c < width; ++c) out[c0 + c] = centered_to_moments(out[c0 + c], shift[c]);
+void moments_across(const T* x, Index C, Index rows, T* scratch, Partial* out) {
+  using P = Packet<T>;
+  constexpr Index L = kLanes<T>;
+  const Index m = std::min(rows, kShiftValues / 4), stride = padded<T>(C);
+  T* shift = scratch;
+  std::fill_n(shift, stride, T(0));
+  for (Index r = 0; r < m; ++r) {
+    Index c = 0;
+    for (; c + L <= C; c += L)
+      ei::pstoreu(shift + c, ei::padd(ei::ploadu<P>(shift + c), ei::ploadu<P>(x + r * C + c)));
+    if (c < C) ei::pstoreu(shift + c, ei::padd(ei::ploadu<P>(shift + c), load_first(x + r * C + c, C - c)));
   }
+  for (Index c = 0; c < C; ++c) {
+    shift[c] /= T(m);
+    if (!std::isfinite(shift[c])) shift[c] = std::isfinite(x[c]) ? x[c] : T(0);  // NaN, inf
+  }
+  sweep_across<CenteredSums>(&x, C, rows, shift, scratch, out);
+  for (Index c = 0; c < C; ++c) out[c] = centered_to_moments(out[c], double(shift[c]));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -777,22 +767,16 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
   // ACROSS: block b holds rows [b * bl.rows, ...) of every channel.
   ws.partials.resize(std::size_t(C * bl.blocks));
   Partial* part = ws.partials.data();
-  // A column walk touches a page or more per row: memory is requested a column ahead only
-  // where the pages of one walk fit the first-level TLB, else a block at a time, row by row.
-  const bool ahead = bl.rows * C * Index(sizeof(T)) * kReduceInputs <= kColumnAheadBytes;
-  parallel_ranges(device, bl.blocks, [&](Index b0, Index b1) {
+  const Index room = sweep_scratch_size<T>(C);
+  ws.sweeps.resize(std::size_t(room * workers(device)));
+  parallel_workers(device, bl.blocks, [&](Index worker, Index b0, Index b1) {
+    T* scratch = ws.sweeps.data() + worker * room;
     for (Index b = b0; b < b1; ++b) {
       const Index rows = bl.across_rows(g, b);
-      const Index off = b * bl.rows * C;
-      const Index next_rows = ahead && b + 1 < b1 ? bl.across_rows(g, b + 1) : 0;
-      Partial* out = part + b * C;
       const T* in[kReduceInputs];
-      for (int k = 0; k < kReduceInputs; ++k) {
-        in[k] = reduce_in[k] + off;
-        if (b == b0 || !ahead) prefetch_rows(in[k], C, C, rows);  // in a burst
-      }
-      if constexpr (kMoments) moments_across(in[0], C, rows, out, bl.rows * C, next_rows);
-      else step_sums_across<Step>(in, C, 0, C, rows, centers, out, bl.rows * C, next_rows);
+      for (int k = 0; k < kReduceInputs; ++k) in[k] = reduce_in[k] + b * bl.rows * C;
+      if constexpr (kMoments) moments_across(in[0], C, rows, scratch, part + b * C);
+      else step_sums_across<Step>(in, C, rows, centers, scratch, part + b * C);
     }
   });
   // Channels are merged side by side, so that their chains of merges overlap.
