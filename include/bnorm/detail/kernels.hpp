@@ -518,59 +518,121 @@ RowCoefs<T> layout_row_coefs(int coefs, Index C, Index c0, Index c1, Index inner
 /// is what lets a memcpy move only two streams of data where a plain loop moves three.
 inline constexpr Index kStreamBytes = Index{8} << 20;
 
-/// Op over elements [0, n) of one contiguous run. With kStream, packets are stored
-/// non-temporally at aligned addresses (the run's head and tail go through scalar code).
-template <class Op, bool kStream, class T, class Coefs>
-void apply_run(const Streams<T, Op::kInputs>& s, Index off, Index n, Coefs k) {
+/// Main memory is written and read faster with two streams far apart in flight than with one
+/// (not so data in cache, where more streams only cost): the elementwise passes over data too
+/// large for half the last-level cache (other processes share it), or for BNORM_FAR_BYTES
+/// where that is defined, walk two parts of their rows side by side.
+inline constexpr int kFarParts = 2;
+inline int apply_parts(const Geometry& g, int tensors, std::size_t element_bytes) {
+#ifdef BNORM_FAR_BYTES
+  const Index far = BNORM_FAR_BYTES;
+#else
+  const Index far = Eigen::l3CacheSize() / 2;
+#endif
+  return g.size() * tensors * Index(element_bytes) > far ? kFarParts : 1;
+}
+
+/// Cuts [first, first + count) into K parts of count / K and calls fn(starts, part, K) with
+/// the K starts, then fn(&start, rest, 1) for what is left over (rest < K), if anything.
+template <int K, class Fn>
+void split_in(Index first, Index count, Fn& fn) {
+  const Index part = count / K;
+  if (part > 0) {
+    Index starts[K];
+    for (int j = 0; j < K; ++j) starts[j] = first + j * part;
+    fn(static_cast<const Index*>(starts), part, std::integral_constant<int, K>{});
+  }
+  if (count > K * part) {
+    const Index start = first + K * part;
+    fn(&start, count - K * part, std::integral_constant<int, 1>{});
+  }
+}
+
+/// split_in with K = `parts` (1 or kFarParts).
+template <class Fn>
+void split_in(int parts, Index first, Index count, Fn fn) {
+  if (parts == kFarParts) split_in<kFarParts>(first, count, fn);
+  else split_in<1>(first, count, fn);
+}
+
+/// Op over elements [0, n) of K runs at off[0..K), which share their coefficients (the same
+/// sequence of them from the start of each run), side by side. With kStream, packets are
+/// stored non-temporally at aligned addresses; runs whose alignments differ go one by one.
+template <class Op, bool kStream, int K, class T, class Coefs>
+void apply_runs(const Streams<T, Op::kInputs>& s, const Index* off, Index n, Coefs k) {
   using P = Packet<T>;
   constexpr Index L = kLanes<T>;
-  T* out = s.out + off;
-  T* copy = s.copy ? s.copy + off : nullptr;
-  // The first `count` < L elements from i, as one cut packet.
-  auto partial = [&](Index i, Index count) {
-    P v[Op::kInputs], kp[Op::kCoefs];
-    unroll<Op::kInputs>([&](int j) { v[j] = load_first(s.in[j] + off + i, count); });
+  auto misalignment = [](const T* p) { return reinterpret_cast<std::uintptr_t>(p) % sizeof(P); };
+  for (int r = 1; r < K; ++r) {
+    if (misalignment(s.out + off[r]) != misalignment(s.out + off[0]) ||
+        (s.copy && misalignment(s.copy + off[r]) != misalignment(s.copy + off[0]))) {
+      for (int j = 0; j < K; ++j) apply_runs<Op, kStream, 1>(s, off + j, n, k);
+      return;
+    }
+  }
+  // Where each run reads and writes, in locals: the compiler must assume that stores through
+  // packets may change anything in memory, s and off[] included.
+  const T* in[K][Op::kInputs];
+  T* out[K];
+  T* copy[K];
+  for (int r = 0; r < K; ++r) {
+    for (int j = 0; j < Op::kInputs; ++j) in[r][j] = s.in[j] + off[r];
+    out[r] = s.out + off[r];
+    copy[r] = s.copy ? s.copy + off[r] : nullptr;
+  }
+  // Elements [i, i + count) of every run: one whole packet, or the first count < L of one.
+  auto packets = [&](Index i, Index count, auto whole, bool stream, bool stream_copy) {
+    P kp[Op::kCoefs];
     unroll<Op::kCoefs>([&](int j) { kp[j] = k.packet(j); });
     k.next(count);
-    store_first(out + i, Op::apply(v, kp), count);
-    if (copy) store_first(copy + i, v[0], count);
+    unroll<K>([&](int r) {
+      P v[Op::kInputs];
+      if constexpr (decltype(whole)::value) {
+        unroll<Op::kInputs>([&](int j) { v[j] = ei::ploadu<P>(in[r][j] + i); });
+        const P y = Op::apply(v, kp);
+        if (kStream && stream) stream_store(out[r] + i, y);
+        else ei::pstoreu(out[r] + i, y);
+        if (kStream && stream_copy) stream_store(copy[r] + i, v[0]);
+        else if (copy[r]) ei::pstoreu(copy[r] + i, v[0]);
+      } else {
+        unroll<Op::kInputs>([&](int j) { v[j] = load_first(in[r][j] + i, count); });
+        store_first(out[r] + i, Op::apply(v, kp), count);
+        if (copy[r]) store_first(copy[r] + i, v[0], count);
+      }
+    });
   };
   Index i = 0;
   bool stream = false, stream_copy = false;
   if constexpr (kStream) {
-    const auto misalignment = reinterpret_cast<std::uintptr_t>(out) % sizeof(P);
-    if (misalignment % sizeof(T) == 0) {  // else T is misaligned, and so are all packets
-      i = std::min(n, Index((sizeof(P) - misalignment) % sizeof(P) / sizeof(T)));
-      if (i > 0) partial(0, i);
+    const auto m = misalignment(out[0]);
+    if (m % sizeof(T) == 0) {  // else T is misaligned, and so are all packets
+      i = std::min(n, Index((sizeof(P) - m) % sizeof(P) / sizeof(T)));
+      if (i > 0) packets(0, i, std::false_type{}, false, false);
       stream = true;
-      stream_copy = copy && reinterpret_cast<std::uintptr_t>(copy + i) % sizeof(P) == 0;
+      stream_copy = copy[0] && misalignment(copy[0] + i) == 0;
     }
   }
-  for (; i + L <= n; i += L) {
-    P v[Op::kInputs], kp[Op::kCoefs];
-    unroll<Op::kInputs>([&](int j) { v[j] = ei::ploadu<P>(s.in[j] + off + i); });
-    unroll<Op::kCoefs>([&](int j) { kp[j] = k.packet(j); });
-    k.next(L);
-    const P y = Op::apply(v, kp);
-    if (kStream && stream) stream_store(out + i, y);
-    else ei::pstoreu(out + i, y);
-    if (kStream && stream_copy) stream_store(copy + i, v[0]);
-    else if (copy) ei::pstoreu(copy + i, v[0]);
-  }
-  if (i < n) partial(i, n - i);
+  for (; i + L <= n; i += L) packets(i, L, std::true_type{}, stream, stream_copy);
+  if (i < n) packets(i, n - i, std::false_type{}, false, false);
 }
 
-/// ALONG: rows [o0, o1) of channels [c0, c1). coef[k * channels + c] is coefficient k of c.
-template <class Op, bool kStream, class T>
+/// ALONG: rows [o0, o1) of channels [c0, c1), in `parts` parts side by side, and after_row()
+/// once per row. coef[k * channels + c] is coefficient k of c.
+template <class Op, bool kStream, class T, class AfterRow>
 void apply_along(const Geometry& g, const Streams<T, Op::kInputs>& s, const T* coef, Index o0,
-                 Index o1, Index c0, Index c1) {
-  for (Index o = o0; o < o1; ++o)
-    for (Index c = c0; c < c1; ++c)
-      apply_run<Op, kStream>(s, (o * g.channels + c) * g.inner, g.inner,
-                             RunCoefs<T, Op::kCoefs>(coef, g.channels, c));
-  if constexpr (kStream) stream_fence();
+                 Index o1, Index c0, Index c1, int parts, AfterRow after_row) {
+  split_in(parts, o0, o1 - o0, [&](const Index* starts, Index rows, auto tag) {
+    constexpr int K = decltype(tag)::value;
+    for (Index o = 0; o < rows; ++o) {
+      for (Index c = c0; c < c1; ++c) {
+        Index off[K];
+        for (int j = 0; j < K; ++j) off[j] = ((starts[j] + o) * g.channels + c) * g.inner;
+        apply_runs<Op, kStream, K>(s, off, g.inner, RunCoefs<T, Op::kCoefs>(coef, g.channels, c));
+      }
+      for (int j = 0; j < K; ++j) after_row();
+    }
+  });
 }
-
 
 /// ALONG runs shorter than this are applied a row of channels at a time (see RowCoefs): a run
 /// per channel would spend much of its time on its ends, and could not stream its stores.
@@ -585,15 +647,21 @@ Index chunk_table_size(const Geometry& g, Index channels, int coefs) {
 }
 
 /// ALONG, short runs: Op over rows [o0, o1) of channels [c0, c1), each row's channels as one
-/// run, and after_row() after each. `table` has room for chunk_table_size.
+/// run, in `parts` parts side by side, and after_row() after each row. `table` has room for
+/// chunk_table_size.
 template <class Op, bool kStream, class T, class AfterRow>
 void apply_chunk(const Geometry& g, const Streams<T, Op::kInputs>& s, const T* coef, T* table,
-                 Index c0, Index c1, Index o0, Index o1, AfterRow after_row) {
+                 Index c0, Index c1, Index o0, Index o1, int parts, AfterRow after_row) {
   const auto k = layout_row_coefs(Op::kCoefs, g.channels, c0, c1, g.inner, coef, table);
-  for (Index o = o0; o < o1; ++o) {
-    apply_run<Op, kStream>(s, (o * g.channels + c0) * g.inner, (c1 - c0) * g.inner, k);
-    after_row();
-  }
+  split_in(parts, o0, o1 - o0, [&](const Index* starts, Index rows, auto tag) {
+    constexpr int K = decltype(tag)::value;
+    for (Index o = 0; o < rows; ++o) {
+      Index off[K];
+      for (int j = 0; j < K; ++j) off[j] = ((starts[j] + o) * g.channels + c0) * g.inner;
+      apply_runs<Op, kStream, K>(s, off, (c1 - c0) * g.inner, k);
+      for (int j = 0; j < K; ++j) after_row();
+    }
+  });
 }
 
 /// Step 3 alone, split over rows, with the coefficients in ws.coefs. ACROSS, each worker
@@ -603,6 +671,7 @@ template <class Op, bool kStream, class T>
 void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>& ws,
                const Eigen::ThreadPoolDevice* device) {
   const T* coef = ws.coefs.data();
+  const int parts = apply_parts(g, Op::kInputs + 1, sizeof(T));
   if (g.across()) {
     ws.row_coefs.resize(std::size_t(Op::kCoefs * RowCoefs<T>::stride_for(g.channels)));
     const auto k = layout_row_coefs(Op::kCoefs, g.channels, 0, g.channels, 1, coef,
@@ -610,9 +679,16 @@ void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>
     const Index rows = Blocking(g).rows;
     const Index blocks = (g.outer + rows - 1) / rows;
     parallel_ranges(device, blocks, [&](Index b0, Index b1) {
-      for (Index b = b1; b-- > b0;)
-        apply_run<Op, kStream>(s, b * rows * g.channels,
-                               (std::min(g.outer, (b + 1) * rows) - b * rows) * g.channels, k);
+      for (Index b = b1; b-- > b0;) {
+        // The block's rows in `parts` parts, each one run, side by side.
+        split_in(parts, b * rows, std::min(g.outer, (b + 1) * rows) - b * rows,
+                                [&](const Index* starts, Index part, auto tag) {
+                                  constexpr int K = decltype(tag)::value;
+                                  Index off[K];
+                                  for (int j = 0; j < K; ++j) off[j] = starts[j] * g.channels;
+                                  apply_runs<Op, kStream, K>(s, off, part * g.channels, k);
+                                });
+      }
       if constexpr (kStream) stream_fence();
     });
   } else if (g.inner < kShortRun) {
@@ -625,16 +701,18 @@ void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>
       T* table = ws.row_coefs.data() + w * slot;
       for (Index q = by_chunks ? i0 : 0; q < (by_chunks ? i1 : groups); ++q)
         apply_chunk<Op, kStream>(g, s, coef, table, q * group, std::min(g.channels, (q + 1) * group),
-                                 by_chunks ? 0 : i0, by_chunks ? g.outer : i1, [] {});
+                                 by_chunks ? 0 : i0, by_chunks ? g.outer : i1, parts, [] {});
       if constexpr (kStream) stream_fence();
     });
   } else if (g.outer >= workers(device)) {
     parallel_ranges(device, g.outer, [&](Index o0, Index o1) {
-      apply_along<Op, kStream>(g, s, coef, o0, o1, 0, g.channels);
+      apply_along<Op, kStream>(g, s, coef, o0, o1, 0, g.channels, parts, [] {});
+      if constexpr (kStream) stream_fence();
     });
   } else {
     parallel_ranges(device, g.channels, [&](Index c0, Index c1) {
-      apply_along<Op, kStream>(g, s, coef, 0, g.outer, c0, c1);
+      apply_along<Op, kStream>(g, s, coef, 0, g.outer, c0, c1, parts, [] {});
+      if constexpr (kStream) stream_fence();
     });
   }
 }
@@ -701,6 +779,7 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
       // Each worker takes whole channels, a group at a time, and does all three steps on a
       // group, whose data the elementwise pass then reads back from cache.
       const bool chunks = g.inner < kShortRun;
+      const int parts = apply_parts(g, Op::kInputs + 1, sizeof(T));
       const Index group = std::min(channels_per_group(g, kReduceInputs, sizeof(T)),
                                    chunks ? chunk_channels(g) : C);
       const Index slot = chunks ? chunk_table_size<T>(g, group, Op::kCoefs) : 0;
@@ -733,14 +812,9 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
             auto after_row = [&] { reduce(first + items_next * ++row / g.outer); };
             if (chunks) {
               apply_chunk<Op, kStream>(g, s, coef, ws.row_coefs.data() + worker * slot, gc0, gc1,
-                                       0, g.outer, after_row);
+                                       0, g.outer, parts, after_row);
             } else {
-              for (Index o = 0; o < g.outer; ++o) {
-                for (Index c = gc0; c < gc1; ++c)
-                  apply_run<Op, kStream>(s, (o * C + c) * g.inner, g.inner,
-                                         RunCoefs<T, Op::kCoefs>(coef, C, c));
-                after_row();
-              }
+              apply_along<Op, kStream>(g, s, coef, 0, g.outer, gc0, gc1, parts, after_row);
             }
           }
           if constexpr (kStream) stream_fence();
