@@ -162,17 +162,16 @@ void forward_inference(const Shape& shape, const T* x, T* y, double eps, Affine<
   check_pointer(var, "var");
   const Index C = shape.channels;
   auto& ws = workspace(ex);
-  ws.coefs.resize(std::size_t(bnorm::detail::NormalizeOp::kCoefs * C));
+  ws.coefs.resize(std::size_t(bnorm::detail::ScaleShiftOp::kCoefs * C));
   T* coef = ws.coefs.data();
   for (Index c = 0; c < C; ++c) {
     const double w = affine.weight ? double(affine.weight[c]) : 1.0;
     const double b = affine.bias ? double(affine.bias[c]) : 0.0;
     const double scale = w / std::sqrt(double(var[c]) + eps);
-    coef[c] = coef[C + c] = T(0);
-    coef[2 * C + c] = T(scale);
-    coef[3 * C + c] = T(b - double(mean[c]) * scale);
+    coef[c] = T(scale);
+    coef[C + c] = T(b - double(mean[c]) * scale);
   }
-  bnorm::detail::apply_all<bnorm::detail::NormalizeOp>(
+  bnorm::detail::apply_all<bnorm::detail::ScaleShiftOp>(
       geometry(shape), bnorm::detail::Streams<T, 1>{{x}, y, copy_of_x}, ws, ex.device);
 }
 
@@ -224,18 +223,18 @@ void backward(const Shape& shape, const T* dy, const T* x, T* dx, Statistics kin
   // Frozen statistics: dx = dy * weight * invstd; the sums are only needed for the gradients.
   auto finish = [&](Index c, const Partial& sums, T* coef) {
     grads(c, sums);
-    coef[c] = coef[C + c] = coef[3 * C + c] = T(0);
-    coef[2 * C + c] = T(scale_of(c));
+    coef[c] = T(scale_of(c));
+    coef[C + c] = T(0);
   };
   const Streams<T, 1> s{{dy}, dx};
   if (grad_weight || grad_bias) {
-    reduce_then_apply<NormalizeOp, GradientSums>(g, in, mean, merge_sums, finish, s, ws,
-                                                 ex.device);
+    reduce_then_apply<ScaleShiftOp, GradientSums>(g, in, mean, merge_sums, finish, s, ws,
+                                                  ex.device);
     return;
   }
-  ws.coefs.resize(std::size_t(NormalizeOp::kCoefs * C));
+  ws.coefs.resize(std::size_t(ScaleShiftOp::kCoefs * C));
   for (Index c = 0; c < C; ++c) finish(c, Partial{}, ws.coefs.data());
-  apply_all<NormalizeOp>(g, s, ws, ex.device);
+  apply_all<ScaleShiftOp>(g, s, ws, ex.device);
 }
 
 }  // namespace detail

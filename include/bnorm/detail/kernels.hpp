@@ -434,12 +434,22 @@ void moments_across(const T* x, Index C, Index rows, T* scratch, Partial* out) {
 /// y = ((x - k0) - k1) * k2 + k3. Training: k0 + k1 = the mean as a double split into two T
 /// (high and low part), k2 = weight * invstd, k3 = bias. x - k0 is exact for x near the mean,
 /// so y keeps full precision however large the mean is next to the spread; rounding the mean
-/// to one T would cost |mean| / spread ulps. Inference folds everything into k2 and k3.
+/// to one T would cost |mean| / spread ulps.
 struct NormalizeOp {
   static constexpr int kInputs = 1, kCoefs = 4;
   template <class P>
   static P apply(const P* in, const P* k) {
     return ei::pmadd(ei::psub(ei::psub(in[0], k[0]), k[1]), k[2], k[3]);
+  }
+};
+
+/// y = x * k0 + k1: inference, with weight, bias and the running statistics folded into one
+/// scale and shift per channel; also dx = dy * scale for frozen statistics.
+struct ScaleShiftOp {
+  static constexpr int kInputs = 1, kCoefs = 2;
+  template <class P>
+  static P apply(const P* in, const P* k) {
+    return ei::pmadd(in[0], k[0], k[1]);
   }
 };
 
