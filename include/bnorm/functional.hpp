@@ -130,9 +130,11 @@ void forward_training(const Shape& shape, const T* x, T* y, double eps, Affine<T
     const double invstd = 1.0 / std::sqrt(var + eps);
     const double w = affine.weight ? double(affine.weight[c]) : 1.0;
     const Index C = shape.channels;
-    bnorm::detail::split_mean(m, coef[c], coef[C + c]);
-    coef[2 * C + c] = T(w * invstd);
-    coef[3 * C + c] = affine.bias ? affine.bias[c] : T(0);
+    const auto mean_t = bnorm::detail::split_mean<T>(m);
+    const double scale = w * invstd;
+    coef[c] = mean_t.high;
+    coef[C + c] = T(scale);
+    coef[2 * C + c] = T((affine.bias ? double(affine.bias[c]) : 0.0) - mean_t.low * scale);
     const double mean = m.mean();
     if (mean_exact) mean_exact[c] = mean;
     if (stats.mean) stats.mean[c] = T(mean);
@@ -211,10 +213,12 @@ void backward(const Shape& shape, const T* dy, const T* x, T* dx, Statistics kin
     auto finish = [&](Index c, const Partial& sums, T* coef) {
       grads(c, sums);
       const double k = scale_of(c), is = double(invstd[c]);
+      const auto mean_t = split_mean<T>(Partial{1, 0, 0, mean[c]});
+      const double slope = -k * is * is * sums.b / count;
       coef[c] = T(k);
-      split_mean(Partial{1, 0, 0, mean[c]}, coef[C + c], coef[2 * C + c]);
-      coef[3 * C + c] = T(-k * is * is * sums.b / count);
-      coef[4 * C + c] = T(-k * sums.a / count);
+      coef[C + c] = mean_t.high;
+      coef[2 * C + c] = T(slope);
+      coef[3 * C + c] = T(-k * sums.a / count - mean_t.low * slope);
     };
     reduce_then_apply<InputGradOp, GradientSums>(g, in, mean, merge_sums, finish,
                                                  Streams<T, 2>{{dy, x}, dx}, ws, ex.device);

@@ -431,15 +431,16 @@ void moments_across(const T* x, Index C, Index rows, T* scratch, Partial* out) {
 // Step 3: elementwise passes. An Op maps kInputs input packets and kCoefs per-channel
 // coefficient packets to one output packet.
 
-/// y = ((x - k0) - k1) * k2 + k3. Training: k0 + k1 = the mean as a double split into two T
-/// (high and low part), k2 = weight * invstd, k3 = bias. x - k0 is exact for x near the mean,
-/// so y keeps full precision however large the mean is next to the spread; rounding the mean
-/// to one T would cost |mean| / spread ulps.
+/// y = (x - k0) * k1 + k2, in training: k0 = the mean rounded to T (`high` of split_mean),
+/// k1 = weight * invstd, k2 = bias - (mean - k0) * k1. x - k0 is exact for x near the mean, and
+/// the part of the mean that k0 lost is folded into k2 in double: y keeps full precision however
+/// large the mean is next to the spread, where y = x * scale + shift would lose |mean| / spread
+/// ulps.
 struct NormalizeOp {
-  static constexpr int kInputs = 1, kCoefs = 4;
+  static constexpr int kInputs = 1, kCoefs = 3;
   template <class P>
   static P apply(const P* in, const P* k) {
-    return ei::pmadd(ei::psub(ei::psub(in[0], k[0]), k[1]), k[2], k[3]);
+    return ei::pmadd(ei::psub(in[0], k[0]), k[1], k[2]);
   }
 };
 
@@ -453,20 +454,26 @@ struct ScaleShiftOp {
   }
 };
 
-/// dx = dy * k0 + ((x - k1) - k2) * k3 + k4, k1 + k2 the mean split as above. Inputs: {dy, x}.
+/// dx = dy * k0 + (x - k1) * k2 + k3, with k1 the mean rounded to T and what it lost folded
+/// into k3, as in NormalizeOp. Inputs: {dy, x}.
 struct InputGradOp {
-  static constexpr int kInputs = 2, kCoefs = 5;
+  static constexpr int kInputs = 2, kCoefs = 4;
   template <class P>
   static P apply(const P* in, const P* k) {
-    return ei::pmadd(in[0], k[0], ei::pmadd(ei::psub(ei::psub(in[1], k[1]), k[2]), k[3], k[4]));
+    return ei::pmadd(in[0], k[0], ei::pmadd(ei::psub(in[1], k[1]), k[2], k[3]));
   }
 };
 
-/// Writes the mean of `m` as two T whose sum is the mean to about twice T's precision.
+/// The mean of `m` rounded to T, and what that rounding lost, in double.
 template <class T>
-inline void split_mean(const Partial& m, T& high, T& low) {
-  high = T(m.mean());
-  low = T((m.shift - double(high)) + m.a);
+struct SplitMean {
+  T high;
+  double low;
+};
+template <class T>
+inline SplitMean<T> split_mean(const Partial& m) {
+  const T high = T(m.mean());
+  return {high, (m.shift - double(high)) + m.a};
 }
 
 /// Where an elementwise pass reads and writes. `copy`, when set, receives a copy of input 0
