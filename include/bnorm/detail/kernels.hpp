@@ -69,8 +69,10 @@ struct Blocking {
   // ALONG (inner > 1): block b of a channel covers rows [first_row, first_row + rows) of that
   // channel, and within each row the elements [first, first + len) of the inner run.
   static constexpr Index kAlongElems = 2048;  // 8 KiB of floats: pass two reads from L1
-  // ACROSS (inner == 1): block b covers rows [b * rows, ...) of every channel.
-  // Large blocks: each one ends with scalar work per channel (finishing its sums, merging them).
+  // ACROSS (inner == 1): block b covers rows [b * rows, ...) of every channel. Blocks are
+  // large, since each one ends with scalar work per channel (finishing its sums, merging them),
+  // all of about the same size, and a multiple of four of them where there are several, so
+  // that two or four threads share them evenly.
   static constexpr Index kAcrossElems = Index{1} << 20;
   static constexpr Index kAcrossRowsMax = 4096;
 
@@ -81,7 +83,11 @@ struct Blocking {
 
   explicit Blocking(const Geometry& g) {
     if (g.across()) {
-      rows = std::clamp<Index>(kAcrossElems / std::max<Index>(g.channels, 1), 16, kAcrossRowsMax);
+      const Index most =
+          std::clamp<Index>(kAcrossElems / std::max<Index>(g.channels, 1), 16, kAcrossRowsMax);
+      Index wanted = std::max<Index>(1, (g.outer + most - 1) / most);
+      if (wanted > 1) wanted = (wanted + 3) / 4 * 4;
+      rows = std::max<Index>(1, (g.outer + wanted - 1) / wanted);
       blocks = (g.outer + rows - 1) / rows;
     } else if (g.inner >= kAlongElems) {
       pieces = (g.inner + kAlongElems - 1) / kAlongElems;
