@@ -122,6 +122,14 @@ struct Workspace {
   std::vector<T> sweeps;          // ACROSS reductions' accumulators (per worker)
 };
 
+/// Tensors smaller than this are not worth handing out in pieces finer than the reduction
+/// blocks: waking a thread costs about as much as the work.
+inline constexpr Index kFineSplitBytes = Index{1} << 20;
+inline bool fine_split(const Geometry& g, const Eigen::ThreadPoolDevice* device,
+                       std::size_t element_bytes) {
+  return workers(device) > 1 && g.size() * Index(element_bytes) >= kFineSplitBytes;
+}
+
 /// Values of T to give each worker for a table of n values of its own in a shared vector: n
 /// rounded up to whole cache lines, and a line more, so that no two workers ever write to the
 /// same line (false sharing cost two threads a third of their speed on 64 channels).
@@ -334,15 +342,16 @@ Index sweep_scratch_size(Index channels) {
   return 5 * padded<T>(channels);
 }
 
-/// Step's sums over the R rows row[0..R) of a block into the accumulators acc (set s of sum q at
-/// acc[(2 * s + q) * stride]), row[j] into set (S + j) % 2, centered on near[].
+/// Step's sums of C channels over the R rows row[0..R) of a block (rows `pitch` values apart)
+/// into the accumulators acc (set s of sum q at acc[(2 * s + q) * stride]), row[j] into set
+/// (S + j) % 2, centered on near[].
 template <class Step, int R, int S, class T>
-void sweep_rows(const T* const* in, Index C, const Index* row, const T* near, T* acc,
+void sweep_rows(const T* const* in, Index pitch, Index C, const Index* row, const T* near, T* acc,
                 Index stride) {
   using P = Packet<T>;
   constexpr Index L = kLanes<T>;
   const T* at[R][Step::kInputs];
-  unroll<R>([&](int j) { unroll<Step::kInputs>([&](int i) { at[j][i] = in[i] + row[j] * C; }); });
+  unroll<R>([&](int j) { unroll<Step::kInputs>([&](int i) { at[j][i] = in[i] + row[j] * pitch; }); });
   auto packets = [&](Index c, auto cut) {
     P sum[2][2];
     unroll<2>([&](int s) {
@@ -366,13 +375,13 @@ void sweep_rows(const T* const* in, Index C, const Index* row, const T* near, T*
   if (c < C) packets(c, std::true_type{});
 }
 
-/// ACROSS: Step's sums over a block of `rows` rows (C values apart) for every channel, centered
-/// on near[c], into out[c]. scratch: sweep_scratch_size, of which near[] may be the first part.
+/// ACROSS: Step's sums over a block of `rows` rows (`pitch` values apart) for C channels,
+/// centered on near[c], into out[c]. scratch: sweep_scratch_size, of which near[] may be the first part.
 /// A channel whose sums in T are not finite (values near T's maximum, NaN, inf) is summed again
 /// in double on its own, so it cannot change another channel's bits.
 template <class Step, class T>
-void sweep_across(const T* const* in, Index C, Index rows, const T* near, T* scratch,
-                  Partial* out) {
+void sweep_across(const T* const* in, Index pitch, Index C, Index rows, const T* near,
+                  T* scratch, Partial* out) {
   const Index stride = padded<T>(C);
   T* acc = scratch + stride;
   constexpr Index sub = 2 * kTermsInT;  // also in double: short chains of additions err less
@@ -385,11 +394,11 @@ void sweep_across(const T* const* in, Index C, Index rows, const T* near, T* scr
     const Index q = (r1 - r0) / 4;
     for (Index r = r0; r < r0 + q; ++r) {
       const Index row[4] = {r, r + q, r + 2 * q, r + 3 * q};
-      sweep_rows<Step, 4, 0>(in, C, row, near, acc, stride);
+      sweep_rows<Step, 4, 0>(in, pitch, C, row, near, acc, stride);
     }
     for (Index r = r0 + 4 * q; r < r1; ++r) {
-      if ((r - r0) % 2 == 0) sweep_rows<Step, 1, 0>(in, C, &r, near, acc, stride);
-      else sweep_rows<Step, 1, 1>(in, C, &r, near, acc, stride);
+      if ((r - r0) % 2 == 0) sweep_rows<Step, 1, 0>(in, pitch, C, &r, near, acc, stride);
+      else sweep_rows<Step, 1, 1>(in, pitch, C, &r, near, acc, stride);
     }
     for (Index c = 0; c < C; ++c) {
       out[c].a += double(acc[c]) + double(acc[2 * stride + c]);
@@ -401,7 +410,7 @@ void sweep_across(const T* const* in, Index C, Index rows, const T* near, T* scr
       if (std::isfinite(out[c].a) && std::isfinite(out[c].b)) continue;
       double a = 0, b = 0, v[Step::kInputs];
       for (Index r = 0; r < rows; ++r) {
-        for (int i = 0; i < Step::kInputs; ++i) v[i] = double(in[i][r * C + c]);
+        for (int i = 0; i < Step::kInputs; ++i) v[i] = double(in[i][r * pitch + c]);
         Step::add(v, double(near[c]), a, b);
       }
       out[c] = {double(rows), a, b};
@@ -411,18 +420,18 @@ void sweep_across(const T* const* in, Index C, Index rows, const T* near, T* scr
 
 /// ACROSS: Step's sums over a block of rows, centered on center[c] (see sweep_across).
 template <class Step, class T>
-void step_sums_across(const T* const* in, Index C, Index rows, const double* center, T* scratch,
-                      Partial* out) {
+void step_sums_across(const T* const* in, Index pitch, Index C, Index rows, const double* center,
+                      T* scratch, Partial* out) {
   T* near = scratch;  // the centers rounded to T: subtractions near them are exact
   for (Index c = 0; c < padded<T>(C); ++c) near[c] = c < C ? T(center[c]) : T(0);
-  sweep_across<Step>(in, C, rows, near, scratch, out);
+  sweep_across<Step>(in, pitch, C, rows, near, scratch, out);
   for (Index c = 0; c < C; ++c) out[c] = Step::recenter(out[c], double(near[c]), center[c]);
 }
 
 /// ACROSS: moments over a block of rows in one pass: a channel's shift is the mean of its
 /// first rows (see shift_of).
 template <class T>
-void moments_across(const T* x, Index C, Index rows, T* scratch, Partial* out) {
+void moments_across(const T* x, Index pitch, Index C, Index rows, T* scratch, Partial* out) {
   using P = Packet<T>;
   constexpr Index L = kLanes<T>;
   const Index m = std::min(rows, kShiftValues / 4), stride = padded<T>(C);
@@ -431,14 +440,14 @@ void moments_across(const T* x, Index C, Index rows, T* scratch, Partial* out) {
   for (Index r = 0; r < m; ++r) {
     Index c = 0;
     for (; c + L <= C; c += L)
-      ei::pstoreu(shift + c, ei::padd(ei::ploadu<P>(shift + c), ei::ploadu<P>(x + r * C + c)));
-    if (c < C) ei::pstoreu(shift + c, ei::padd(ei::ploadu<P>(shift + c), load_first(x + r * C + c, C - c)));
+      ei::pstoreu(shift + c, ei::padd(ei::ploadu<P>(shift + c), ei::ploadu<P>(x + r * pitch + c)));
+    if (c < C) ei::pstoreu(shift + c, ei::padd(ei::ploadu<P>(shift + c), load_first(x + r * pitch + c, C - c)));
   }
   for (Index c = 0; c < C; ++c) {
     shift[c] /= T(m);
     if (!std::isfinite(shift[c])) shift[c] = std::isfinite(x[c]) ? x[c] : T(0);  // NaN, inf
   }
-  sweep_across<CenteredSums>(&x, C, rows, shift, scratch, out);
+  sweep_across<CenteredSums>(&x, pitch, C, rows, shift, scratch, out);
   for (Index c = 0; c < C; ++c) out[c] = centered_to_moments(out[c], double(shift[c]));
 }
 
@@ -708,21 +717,24 @@ void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>
     ws.row_coefs.resize(std::size_t(Op::kCoefs * RowCoefs<T>::stride_for(g.channels)));
     const auto k = layout_row_coefs(Op::kCoefs, g.channels, 0, g.channels, 1, coef,
                                     ws.row_coefs.data());
+    auto apply_rows = [&](Index r0, Index r1) {  // in `parts` parts, each one run
+      split_in(parts, r0, r1 - r0, [&](const Index* starts, Index part, auto tag) {
+        constexpr int K = decltype(tag)::value;
+        Index off[K];
+        for (int j = 0; j < K; ++j) off[j] = starts[j] * g.channels;
+        apply_runs<Op, kStream, K>(s, off, part * g.channels, k);
+      });
+      if constexpr (kStream) stream_fence();
+    };
     const Index rows = Blocking(g).rows;
     const Index blocks = (g.outer + rows - 1) / rows;
-    parallel_ranges(device, blocks, [&](Index b0, Index b1) {
-      for (Index b = b1; b-- > b0;) {
-        // The block's rows in `parts` parts, each one run, side by side.
-        split_in(parts, b * rows, std::min(g.outer, (b + 1) * rows) - b * rows,
-                                [&](const Index* starts, Index part, auto tag) {
-                                  constexpr int K = decltype(tag)::value;
-                                  Index off[K];
-                                  for (int j = 0; j < K; ++j) off[j] = starts[j] * g.channels;
-                                  apply_runs<Op, kStream, K>(s, off, part * g.channels, k);
-                                });
-      }
-      if constexpr (kStream) stream_fence();
-    });
+    if (blocks >= workers(device) || !fine_split(g, device, sizeof(T))) {
+      parallel_ranges(device, blocks, [&](Index b0, Index b1) {
+        for (Index b = b1; b-- > b0;) apply_rows(b * rows, std::min(g.outer, (b + 1) * rows));
+      });
+    } else {
+      parallel_ranges(device, g.outer, apply_rows);
+    }
   } else if (g.inner < kShortRun) {
     const Index group = chunk_channels(g), groups = (g.channels + group - 1) / group;
     const Index slot = worker_slot<T>(chunk_table_size<T>(g, group, Op::kCoefs));
@@ -875,14 +887,22 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
   Partial* part = ws.partials.data();
   const Index room = worker_slot<T>(sweep_scratch_size<T>(C));
   ws.sweeps.resize(std::size_t(room * workers(device)));
-  parallel_workers(device, bl.blocks, [&](Index worker, Index b0, Index b1) {
+  // Workers take whole blocks; where there are fewer blocks than workers, they share out the
+  // channels of every block instead, in whole packets (a channel's sums do not depend on which
+  // channels are swept with it).
+  constexpr Index L = kLanes<T>;
+  const bool by_blocks = bl.blocks >= workers(device) || !fine_split(g, device, sizeof(T));
+  parallel_workers(device, by_blocks ? bl.blocks : (C + L - 1) / L,
+                   [&](Index worker, Index u0, Index u1) {
     T* scratch = ws.sweeps.data() + worker * room;
-    for (Index b = b0; b < b1; ++b) {
+    const Index c0 = by_blocks ? 0 : u0 * L, c1 = by_blocks ? C : std::min(C, u1 * L);
+    for (Index b = by_blocks ? u0 : 0; b < (by_blocks ? u1 : bl.blocks); ++b) {
       const Index rows = bl.across_rows(g, b);
       const T* in[kReduceInputs];
-      for (int k = 0; k < kReduceInputs; ++k) in[k] = reduce_in[k] + b * bl.rows * C;
-      if constexpr (kMoments) moments_across(in[0], C, rows, scratch, part + b * C);
-      else step_sums_across<Step>(in, C, rows, centers, scratch, part + b * C);
+      for (int k = 0; k < kReduceInputs; ++k) in[k] = reduce_in[k] + b * bl.rows * C + c0;
+      Partial* out = part + b * C + c0;
+      if constexpr (kMoments) moments_across(in[0], C, c1 - c0, rows, scratch, out);
+      else step_sums_across<Step>(in, C, c1 - c0, rows, centers + c0, scratch, out);
     }
   });
   // Channels are merged side by side, so that their chains of merges overlap.
