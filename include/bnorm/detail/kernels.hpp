@@ -351,7 +351,8 @@ void sweep_rows(const T* const* in, Index pitch, Index C, const Index* row, cons
   using P = Packet<T>;
   constexpr Index L = kLanes<T>;
   const T* at[R][Step::kInputs];
-  unroll<R>([&](int j) { unroll<Step::kInputs>([&](int i) { at[j][i] = in[i] + row[j] * pitch; }); });
+  for (int j = 0; j < R; ++j)
+    for (int i = 0; i < Step::kInputs; ++i) at[j][i] = in[i] + row[j] * pitch;
   auto packets = [&](Index c, auto cut) {
     P sum[2][2];
     unroll<2>([&](int s) {
@@ -376,7 +377,8 @@ void sweep_rows(const T* const* in, Index pitch, Index C, const Index* row, cons
 }
 
 /// ACROSS: Step's sums over a block of `rows` rows (`pitch` values apart) for C channels,
-/// centered on near[c], into out[c]. scratch: sweep_scratch_size, of which near[] may be the first part.
+/// centered on near[c], into out[c]. scratch: sweep_scratch_size, of which near[] may be the
+/// first part.
 /// A channel whose sums in T are not finite (values near T's maximum, NaN, inf) is summed again
 /// in double on its own, so it cannot change another channel's bits.
 template <class Step, class T>
@@ -438,10 +440,12 @@ void moments_across(const T* x, Index pitch, Index C, Index rows, T* scratch, Pa
   T* shift = scratch;
   std::fill_n(shift, stride, T(0));
   for (Index r = 0; r < m; ++r) {
+    const T* row = x + r * pitch;
     Index c = 0;
     for (; c + L <= C; c += L)
-      ei::pstoreu(shift + c, ei::padd(ei::ploadu<P>(shift + c), ei::ploadu<P>(x + r * pitch + c)));
-    if (c < C) ei::pstoreu(shift + c, ei::padd(ei::ploadu<P>(shift + c), load_first(x + r * pitch + c, C - c)));
+      ei::pstoreu(shift + c, ei::padd(ei::ploadu<P>(shift + c), ei::ploadu<P>(row + c)));
+    if (c < C)
+      ei::pstoreu(shift + c, ei::padd(ei::ploadu<P>(shift + c), load_first(row + c, C - c)));
   }
   for (Index c = 0; c < C; ++c) {
     shift[c] /= T(m);
@@ -707,7 +711,8 @@ void apply_chunk(const Geometry& g, const Streams<T, Op::kInputs>& s, const T* c
 
 /// Step 3 alone, split over rows, with the coefficients in ws.coefs. ACROSS, each worker
 /// takes the blocks of rows it reduced and walks them from the last to the first, so that it
-/// starts on what is still in its cache.
+/// starts on what is still in its cache (where there are fewer blocks than workers, the rows
+/// are shared out evenly instead).
 template <class Op, bool kStream, class T>
 void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>& ws,
                const Eigen::ThreadPoolDevice* device) {
