@@ -130,6 +130,14 @@ inline bool fine_split(const Geometry& g, const Eigen::ThreadPoolDevice* device,
   return workers(device) > 1 && g.size() * Index(element_bytes) >= kFineSplitBytes;
 }
 
+/// ACROSS: whether workers take whole blocks of rows. Otherwise (fewer blocks than workers, on
+/// a tensor worth it) they share out every block's channels for the reduction and its rows for
+/// the elementwise pass.
+inline bool whole_blocks(const Geometry& g, const Blocking& bl,
+                         const Eigen::ThreadPoolDevice* device, std::size_t element_bytes) {
+  return bl.blocks >= workers(device) || !fine_split(g, device, element_bytes);
+}
+
 /// Values of T to give each worker for a table of n values of its own in a shared vector: n
 /// rounded up to whole cache lines, and a line more, so that no two workers ever write to the
 /// same line (false sharing cost two threads a third of their speed on 64 channels).
@@ -736,11 +744,11 @@ void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>
       });
       if constexpr (kStream) stream_fence();
     };
-    const Index rows = Blocking(g).rows;
-    const Index blocks = (g.outer + rows - 1) / rows;
-    if (blocks >= workers(device) || !fine_split(g, device, sizeof(T))) {
-      parallel_ranges(device, blocks, [&](Index b0, Index b1) {
-        for (Index b = b1; b-- > b0;) apply_rows(b * rows, std::min(g.outer, (b + 1) * rows));
+    const Blocking bl(g);
+    if (whole_blocks(g, bl, device, sizeof(T))) {
+      parallel_ranges(device, bl.blocks, [&](Index b0, Index b1) {
+        for (Index b = b1; b-- > b0;)
+          apply_rows(b * bl.rows, std::min(g.outer, (b + 1) * bl.rows));
       });
     } else {
       parallel_ranges(device, g.outer, apply_rows);
@@ -897,11 +905,10 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
   Partial* part = ws.partials.data();
   const Index room = worker_slot<T>(sweep_scratch_size<T>(C));
   ws.sweeps.resize(std::size_t(room * workers(device)));
-  // Workers take whole blocks; where there are fewer blocks than workers, they share out the
-  // channels of every block instead, in whole packets (a channel's sums do not depend on which
-  // channels are swept with it).
+  // Workers take whole blocks, or share out the channels of every block in whole packets (a
+  // channel's sums do not depend on which channels are swept with it).
   constexpr Index L = kLanes<T>;
-  const bool by_blocks = bl.blocks >= workers(device) || !fine_split(g, device, sizeof(T));
+  const bool by_blocks = whole_blocks(g, bl, device, sizeof(T));
   parallel_workers(device, by_blocks ? bl.blocks : (C + L - 1) / L,
                    [&](Index worker, Index u0, Index u1) {
     T* scratch = ws.sweeps.data() + worker * room;
