@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "parallel.hpp"
@@ -549,7 +550,9 @@ struct RunCoefs {
   RunCoefs(const T* coef, Index channels, Index c) {
     for (int j = 0; j < kCoefs; ++j) p[j] = ei::pset1<Packet<T>>(coef[j * channels + c]);
   }
-  Packet<T> packet(int j) const { return p[j]; }
+  /// Coefficient j of the packet t packets on; runs never wrap.
+  Packet<T> packet(int j, Index) const { return p[j]; }
+  Index span() const { return std::numeric_limits<Index>::max(); }
   void next(Index) {}
 };
 
@@ -566,7 +569,12 @@ struct RowCoefs {
   Index pos = 0;  // position of the current element
 
   static Index stride_for(Index width) { return width + kLanes<T>; }
-  Packet<T> packet(int j) const { return ei::ploadu<Packet<T>>(ext + j * stride + pos); }
+  /// Coefficient j of the packet t packets on, for t < span().
+  Packet<T> packet(int j, Index t) const {
+    return ei::ploadu<Packet<T>>(ext + j * stride + pos + t * kLanes<T>);
+  }
+  /// Whole packets that start before the row wraps around.
+  Index span() const { return (width - pos + kLanes<T> - 1) / kLanes<T>; }
   void next(Index n) {
     pos += n;
     if (pos >= width) pos = (pos - width) % width;
@@ -581,7 +589,9 @@ RowCoefs<T> layout_row_coefs(int coefs, Index C, Index c0, Index c1, Index inner
   const Index width = (c1 - c0) * inner, stride = RowCoefs<T>::stride_for(width);
   for (int j = 0; j < coefs; ++j) {
     T* row = ext + j * stride;
-    for (Index c = c0; c < c1; ++c) std::fill_n(row + (c - c0) * inner, inner, coef[j * C + c]);
+    if (inner == 1) std::copy(coef + j * C + c0, coef + j * C + c1, row);  // a call per value costs
+    else
+      for (Index c = c0; c < c1; ++c) std::fill_n(row + (c - c0) * inner, inner, coef[j * C + c]);
     for (Index t = width; t < stride; ++t) row[t] = row[t - width];  // wraps around
   }
   return {ext, stride, width};
@@ -654,11 +664,11 @@ void apply_runs(const Streams<T, Op::kInputs>& s, const Index* off, Index n, Coe
     out[r] = s.out + off[r];
     copy[r] = s.copy ? s.copy + off[r] : nullptr;
   }
-  // Elements [i, i + count) of every run: one whole packet, or the first count < L of one.
-  auto packets = [&](Index i, Index count, auto whole, bool stream, bool stream_copy) {
+  // Elements [i, i + count) of every run: one whole packet, or the first count < L of one;
+  // its coefficients are t packets on from k's position.
+  auto packets = [&](Index i, Index t, Index count, auto whole, bool stream, bool stream_copy) {
     P kp[Op::kCoefs];
-    unroll<Op::kCoefs>([&](int j) { kp[j] = k.packet(j); });
-    k.next(count);
+    unroll<Op::kCoefs>([&](int j) { kp[j] = k.packet(j, t); });
     unroll<K>([&](int r) {
       P v[Op::kInputs];
       if constexpr (decltype(whole)::value) {
@@ -681,13 +691,20 @@ void apply_runs(const Streams<T, Op::kInputs>& s, const Index* off, Index n, Coe
     const auto m = misalignment(out[0]);
     if (m % sizeof(T) == 0) {  // else T is misaligned, and so are all packets
       i = std::min(n, Index((sizeof(P) - m) % sizeof(P) / sizeof(T)));
-      if (i > 0) packets(0, i, std::false_type{}, false, false);
+      if (i > 0) packets(0, 0, i, std::false_type{}, false, false);
+      k.next(i);
       stream = true;
       stream_copy = copy[0] && misalignment(copy[0] + i) == 0;
     }
   }
-  for (; i + L <= n; i += L) packets(i, L, std::true_type{}, stream, stream_copy);
-  if (i < n) packets(i, n - i, std::false_type{}, false, false);
+  // Stretches of whole packets up to where the coefficients wrap around.
+  while (i + L <= n) {
+    const Index m = std::min((n - i) / L, k.span());
+    for (Index t = 0; t < m; ++t) packets(i + t * L, t, L, std::true_type{}, stream, stream_copy);
+    i += m * L;
+    k.next(m * L);
+  }
+  if (i < n) packets(i, 0, n - i, std::false_type{}, false, false);
 }
 
 /// ALONG: rows [o0, o1) of channels [c0, c1), in `parts` parts side by side, and after_row()
