@@ -352,9 +352,9 @@ Partial moments_along(const T* x, Index stride, Index runs, Index len) {
 }
 
 /// ACROSS reductions sweep a block row by row: memory is read in order, which the hardware
-/// prefetches, with four rows in flight at a time. Every channel's accumulators live in a
+/// prefetches, with eight streams of rows in flight. Every channel's accumulators live in a
 /// per-worker table (a few KiB per thousand channels, so it stays in L1 or L2) and are loaded
-/// and stored once per four rows. Rows alternate between two sets of accumulators, and a block is
+/// and stored once per four or eight rows. Rows alternate between two sets of accumulators, and a block is
 /// summed in sub-blocks of 2 * kTermsInT rows whose sums in T are added up in double: each lane
 /// adds at most kTermsInT values in T, as in step_sums_along.
 
@@ -421,14 +421,18 @@ void sweep_across(const T* const* in, Index pitch, Index C, Index rows, const T*
   for (Index r0 = 0; r0 < rows; r0 += sub) {
     const Index r1 = std::min(rows, r0 + sub);
     std::fill_n(acc, 4 * stride, T(0));
-    // Four rows at a time, one from each quarter of the sub-block: four streams far apart
-    // keep more memory requests in flight than one.
-    const Index q = (r1 - r0) / 4;
+    // R rows at a time, one from each R-th of the sub-block: eight streams far apart (R per
+    // input) keep more memory requests in flight than one, and moments load and store their
+    // accumulators once per eight rows (four was 3-10% slower on most shapes, 4% faster on
+    // 100 x 128 channels).
+    constexpr int R = 8 / Step::kInputs;
+    const Index q = (r1 - r0) / R;
     for (Index r = r0; r < r0 + q; ++r) {
-      const Index row[4] = {r, r + q, r + 2 * q, r + 3 * q};
-      sweep_rows<Step, 4, 0>(in, pitch, C, row, near, acc, stride);
+      Index row[R];
+      for (int j = 0; j < R; ++j) row[j] = r + j * q;
+      sweep_rows<Step, R, 0>(in, pitch, C, row, near, acc, stride);
     }
-    for (Index r = r0 + 4 * q; r < r1; ++r) {
+    for (Index r = r0 + R * q; r < r1; ++r) {
       if ((r - r0) % 2 == 0) sweep_rows<Step, 1, 0>(in, pitch, C, &r, near, acc, stride);
       else sweep_rows<Step, 1, 1>(in, pitch, C, &r, near, acc, stride);
     }
