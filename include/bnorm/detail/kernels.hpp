@@ -964,9 +964,10 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
       else step_sums_across<Step>(in, C, c1 - c0, rows, centers + c0, scratch, out);
     }
   });
-  // Channels are merged side by side, so that their chains of merges overlap.
+  // Channels are merged side by side, so that their chains of merges overlap. On a small
+  // tensor, the calling thread merges alone: waking a worker costs more than the merges.
   constexpr Index kSideBySide = 64;
-  parallel_ranges(device, C, [&](Index c0, Index c1) {
+  parallel_ranges(fine_split(g, device, sizeof(T)) ? device : nullptr, C, [&](Index c0, Index c1) {
     for (Index first = c0; first < c1; first += kSideBySide) {
       const Index n = std::min(kSideBySide, c1 - first);
       Partial total[kSideBySide];
