@@ -22,6 +22,8 @@ std::vector<Shape> shapes() {
       // Fused path with several groups of channels: short runs (rows of a group as one run,
       // several blocks per channel), and long runs cut into pieces, one channel per group.
       {300, 37, 17, kFirst},  {2, 9, 33000, kFirst},
+      // Long runs of a multiple of every packet size: a row's channels applied as one run.
+      {3, 5, 272, kFirst},
       // Channels-last with several blocks of rows, each swept in sub-blocks, the last ones cut
       // short (odd rows left over); narrow and wide rows, channels not a multiple of a packet.
       {5, 7, 1715, kLast},    {2100, 1030, 1, kLast},

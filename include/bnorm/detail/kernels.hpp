@@ -18,9 +18,9 @@
 // one channel; with inner == 1 they vectorize ACROSS channels.
 
 #include <algorithm>
+#include <cassert>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <vector>
 
 #include "parallel.hpp"
@@ -547,17 +547,35 @@ struct Streams {
   T* copy = nullptr;
 };
 
-/// Coefficients that are the same for a whole run (ALONG: one channel per run).
+/// ALONG coefficients: channel c's for `inner` values, then channel c + 1's, and so on (a row's
+/// channels lie one after the other). A packet must not straddle two channels: runs span one
+/// channel, or start at a channel's start with `inner` a multiple of the packet size.
 template <class T, int kCoefs>
 struct RunCoefs {
+  const T* coef;
+  Index channels, c, inner;
+  Index pos = 0;  // of the current element in its channel's values
   Packet<T> p[kCoefs];
-  RunCoefs(const T* coef, Index channels, Index c) {
+
+  RunCoefs(const T* coef_, Index channels_, Index c_, Index inner_)
+      : coef(coef_), channels(channels_), c(c_), inner(inner_) {
+    load();
+  }
+  void load() {
     for (int j = 0; j < kCoefs; ++j) p[j] = ei::pset1<Packet<T>>(coef[j * channels + c]);
   }
-  /// Coefficient j of the packet t packets on; runs never wrap.
+  /// Coefficient j of the packet t packets on, for t < span().
   Packet<T> packet(int j, Index) const { return p[j]; }
-  Index span() const { return std::numeric_limits<Index>::max(); }
-  void next(Index) {}
+  /// Whole packets left in this channel's values.
+  Index span() const { return (inner - pos) / kLanes<T>; }
+  void next(Index n) {
+    pos += n;
+    if (pos == inner && c + 1 < channels) {
+      pos = 0;
+      ++c;
+      load();
+    }
+  }
 };
 
 /// Coefficients that change along the run. A row holds `width` positions; ACROSS, a row is the
@@ -601,10 +619,15 @@ RowCoefs<T> layout_row_coefs(int coefs, Index C, Index c0, Index c1, Index inner
   return {ext, stride, width};
 }
 
-/// Outputs at least this large are written with non-temporal stores: they would not stay in
-/// cache anyway, and streaming them skips the read-for-ownership of every output line, which
-/// is what lets a memcpy move only two streams of data where a plain loop moves three.
+/// Outputs at least this large (or BNORM_STREAM_BYTES, where that is defined) are written with
+/// non-temporal stores: they would not stay in cache anyway, and streaming them skips the
+/// read-for-ownership of every output line, which is what lets a memcpy move only two streams of
+/// data where a plain loop moves three.
+#ifdef BNORM_STREAM_BYTES
+inline constexpr Index kStreamBytes = BNORM_STREAM_BYTES;
+#else
 inline constexpr Index kStreamBytes = Index{8} << 20;
+#endif
 
 /// Main memory is written and read faster with two streams far apart in flight than with one
 /// (not so data in cache, where more streams only cost): the elementwise passes over data too
@@ -704,6 +727,7 @@ void apply_runs(const Streams<T, Op::kInputs>& s, const Index* off, Index n, Coe
   // Stretches of whole packets up to where the coefficients wrap around.
   while (i + L <= n) {
     const Index m = std::min((n - i) / L, k.span());
+    assert(m > 0 && "a packet straddles two channels' coefficients");
     for (Index t = 0; t < m; ++t) packets(i + t * L, t, L, std::true_type{}, stream, stream_copy);
     i += m * L;
     k.next(m * L);
@@ -716,13 +740,19 @@ void apply_runs(const Streams<T, Op::kInputs>& s, const Index* off, Index n, Coe
 template <class Op, bool kStream, class T, class AfterRow>
 void apply_along(const Geometry& g, const Streams<T, Op::kInputs>& s, const T* coef, Index o0,
                  Index o1, Index c0, Index c1, int parts, AfterRow after_row) {
+  // A row's channels go as one run where no packet straddles two of them: runs of a multiple of
+  // the packet size, and no unaligned start before streamed stores. Else a run per channel.
+  const bool whole_rows =
+      g.inner % kLanes<T> == 0 &&
+      (!kStream || reinterpret_cast<std::uintptr_t>(s.out) % sizeof(Packet<T>) == 0);
   split_in(parts, o0, o1 - o0, [&](const Index* starts, Index rows, auto tag) {
     constexpr int K = decltype(tag)::value;
     for (Index o = 0; o < rows; ++o) {
-      for (Index c = c0; c < c1; ++c) {
+      for (Index c = c0; c < c1; c = whole_rows ? c1 : c + 1) {
         Index off[K];
         for (int j = 0; j < K; ++j) off[j] = ((starts[j] + o) * g.channels + c) * g.inner;
-        apply_runs<Op, kStream, K>(s, off, g.inner, RunCoefs<T, Op::kCoefs>(coef, g.channels, c));
+        apply_runs<Op, kStream, K>(s, off, (whole_rows ? c1 - c : 1) * g.inner,
+                                   RunCoefs<T, Op::kCoefs>(coef, g.channels, c, g.inner));
       }
       for (int j = 0; j < K; ++j) after_row();
     }
