@@ -185,8 +185,8 @@ inline void prefetch_ahead(const T* p, Index ahead, Index bytes) {
 /// every run starts in another page, where the hardware prefetcher does not follow. The
 /// reductions ask for the run kRunsAhead ahead themselves. Longer runs are asked for
 /// kReadAhead bytes ahead of where they are read, and the next run's first bytes when a run
-/// starts: one core reads main memory up to 1.4x faster this way than with the hardware prefetcher
-/// alone.
+/// starts: one core reads main memory up to 1.4x faster this way than with the hardware
+/// prefetcher alone.
 inline constexpr Index kRunsAhead = 4;
 inline constexpr Index kShortRunBytes = 2048;
 inline constexpr Index kReadAhead = 2048;
@@ -354,9 +354,9 @@ Partial moments_along(const T* x, Index stride, Index runs, Index len) {
 /// ACROSS reductions sweep a block row by row: memory is read in order, which the hardware
 /// prefetches, with eight streams of rows in flight. Every channel's accumulators live in a
 /// per-worker table (a few KiB per thousand channels, so it stays in L1 or L2) and are loaded
-/// and stored once per four or eight rows. Rows alternate between two sets of accumulators, and a block is
-/// summed in sub-blocks of 2 * kTermsInT rows whose sums in T are added up in double: each lane
-/// adds at most kTermsInT values in T, as in step_sums_along.
+/// and stored once per four or eight rows. Rows alternate between two sets of accumulators, and
+/// a block is summed in sub-blocks of 2 * kTermsInT rows whose sums in T are added up in double:
+/// each lane adds at most kTermsInT values in T, as in step_sums_along.
 
 /// Values of T per channel table, padded to whole packets: the padding lanes load zeros (inputs
 /// and centers alike) and so add nothing.
@@ -611,7 +611,8 @@ RowCoefs<T> layout_row_coefs(int coefs, Index C, Index c0, Index c1, Index inner
   const Index width = (c1 - c0) * inner, stride = RowCoefs<T>::stride_for(width);
   for (int j = 0; j < coefs; ++j) {
     T* row = ext + j * stride;
-    if (inner == 1) std::copy(coef + j * C + c0, coef + j * C + c1, row);  // a call per value costs
+    if (inner == 1)  // one copy: a fill_n call per value cost about ten instructions each
+      std::copy(coef + j * C + c0, coef + j * C + c1, row);
     else
       for (Index c = c0; c < c1; ++c) std::fill_n(row + (c - c0) * inner, inner, coef[j * C + c]);
     for (Index t = width; t < stride; ++t) row[t] = row[t - width];  // wraps around
@@ -997,7 +998,8 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
   // Channels are merged side by side, so that their chains of merges overlap. On a small
   // tensor, the calling thread merges alone: waking a worker costs more than the merges.
   constexpr Index kSideBySide = 64;
-  parallel_ranges(fine_split(g, device, sizeof(T)) ? device : nullptr, C, [&](Index c0, Index c1) {
+  const Eigen::ThreadPoolDevice* merging = fine_split(g, device, sizeof(T)) ? device : nullptr;
+  parallel_ranges(merging, C, [&](Index c0, Index c1) {
     for (Index first = c0; first < c1; first += kSideBySide) {
       const Index n = std::min(kSideBySide, c1 - first);
       Partial total[kSideBySide];
