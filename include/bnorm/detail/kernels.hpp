@@ -161,19 +161,18 @@ inline void prefetch(const T* p) {
 #endif
 }
 
-/// Requests every cache line of `rows` rows of `width` values, `stride` apart, row by row.
+/// Requests every cache line that holds a byte of [p, p + bytes).
 template <class T>
-void prefetch_rows(const T* p, Index stride, Index width, Index rows) {
-  for (Index r = 0; r < rows; ++r) {
-    const auto end = reinterpret_cast<std::uintptr_t>(p + r * stride + width);
-    for (auto line = reinterpret_cast<std::uintptr_t>(p + r * stride) & ~std::uintptr_t{63};
-         line < end; line += 64)
-      prefetch(reinterpret_cast<const char*>(line));
-  }
+void prefetch_lines(const T* p, Index bytes) {
+  const auto end = reinterpret_cast<std::uintptr_t>(p) + std::uintptr_t(bytes);
+  for (auto line = reinterpret_cast<std::uintptr_t>(p) & ~std::uintptr_t{63}; line < end;
+       line += 64)
+    prefetch(reinterpret_cast<const char*>(line));
 }
 
-/// Requests the cache lines of the `bytes` bytes that start `ahead` bytes after p (which may lie
-/// past the end of p's array: a prefetch never faults).
+/// While a run is read: requests the lines of the `bytes` bytes that start `ahead` bytes after p
+/// (which may lie past the end of p's array: a prefetch never faults), one per 64 bytes, which
+/// over the run's steps requests each line once.
 template <class T>
 inline void prefetch_ahead(const T* p, Index ahead, Index bytes) {
   const auto first = reinterpret_cast<std::uintptr_t>(p) + std::uintptr_t(ahead);
@@ -300,10 +299,10 @@ Partial step_sums_along(const T* const* in, Index stride, Index runs, Index len,
     for (Index r = 0; r < runs; ++r) {
       if (short_runs && r + kRunsAhead < runs)
         for (int k = 0; k < Step::kInputs; ++k)
-          prefetch_rows(in[k] + (r + kRunsAhead) * stride, stride, len, 1);
+          prefetch_lines(in[k] + (r + kRunsAhead) * stride, bytes);
       if (!short_runs && r + 1 < runs)
         for (int k = 0; k < Step::kInputs; ++k)
-          prefetch_ahead(in[k] + (r + 1) * stride, 0, std::min(bytes, kReadAhead));
+          prefetch_lines(in[k] + (r + 1) * stride, std::min(bytes, kReadAhead));
       sums.template add<Step>(in, r * stride, len, c, at, short_runs ? 0 : kReadAhead);
     }
     return sums.total(runs * len);
