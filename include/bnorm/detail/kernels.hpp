@@ -113,14 +113,17 @@ struct Blocking {
 };
 
 /// Scratch memory of the kernels, reused from call to call so that steady-state calls allocate
-/// nothing.
+/// nothing. Tables read and written in packets are aligned to the packet size (and each
+/// worker's part of them to a cache line): a packet across two cache lines costs two accesses.
 template <class T>
 struct Workspace {
+  template <class V>
+  using Aligned = std::vector<V, Eigen::aligned_allocator<V>>;
   std::vector<Partial> partials;  // per block and channel
   std::vector<T> coefs;           // coefficient k of channel c at [k * channels + c]
-  std::vector<T> row_coefs;       // coefficients laid out for RowCoefs (per worker)
+  Aligned<T> row_coefs;           // coefficients laid out for RowCoefs (per worker)
   std::vector<double> centers;    // per channel
-  std::vector<T> sweeps;          // ACROSS reductions' accumulators (per worker)
+  Aligned<T> sweeps;              // ACROSS reductions' accumulators (per worker)
 };
 
 /// Tensors smaller than this are not worth handing out in pieces finer than the reduction
@@ -712,17 +715,18 @@ void apply_runs(const Streams<T, Op::kInputs>& s, const Index* off, Index n, Coe
       }
     });
   };
+  // The first packet is cut short where that aligns the stores that follow (and the loads, where
+  // inputs and output are equally misaligned, as buffers from one allocator are): a packet
+  // across two cache lines costs two accesses.
   Index i = 0;
   bool stream = false, stream_copy = false;
-  if constexpr (kStream) {
-    const auto m = misalignment(out[0]);
-    if (m % sizeof(T) == 0) {  // else T is misaligned, and so are all packets
-      i = std::min(n, Index((sizeof(P) - m) % sizeof(P) / sizeof(T)));
-      if (i > 0) packets(0, 0, i, std::false_type{}, false, false);
-      k.next(i);
-      stream = true;
-      stream_copy = copy[0] && misalignment(copy[0] + i) == 0;
-    }
+  const auto m = misalignment(out[0]);
+  if (m % sizeof(T) == 0) {  // else T is misaligned, and so are all packets
+    i = std::min(n, Index((sizeof(P) - m) % sizeof(P) / sizeof(T)));
+    if (i > 0) packets(0, 0, i, std::false_type{}, false, false);
+    k.next(i);
+    stream = kStream;
+    stream_copy = kStream && copy[0] && misalignment(copy[0] + i) == 0;
   }
   // Stretches of whole packets up to where the coefficients wrap around.
   while (i + L <= n) {
@@ -741,10 +745,10 @@ template <class Op, bool kStream, class T, class AfterRow>
 void apply_along(const Geometry& g, const Streams<T, Op::kInputs>& s, const T* coef, Index o0,
                  Index o1, Index c0, Index c1, int parts, AfterRow after_row) {
   // A row's channels go as one run where no packet straddles two of them: runs of a multiple of
-  // the packet size, and no unaligned start before streamed stores. Else a run per channel.
-  const bool whole_rows =
-      g.inner % kLanes<T> == 0 &&
-      (!kStream || reinterpret_cast<std::uintptr_t>(s.out) % sizeof(Packet<T>) == 0);
+  // the packet size, and no cut first packet (apply_runs aligns its stores). Else a run per
+  // channel.
+  const bool whole_rows = g.inner % kLanes<T> == 0 &&
+                          reinterpret_cast<std::uintptr_t>(s.out) % sizeof(Packet<T>) == 0;
   split_in(parts, o0, o1 - o0, [&](const Index* starts, Index rows, auto tag) {
     constexpr int K = decltype(tag)::value;
     for (Index o = 0; o < rows; ++o) {
