@@ -124,26 +124,38 @@ void forward_training(const Shape& shape, const T* x, T* y, double eps, Affine<T
   if (n < 2)
     fail("expected more than 1 value per channel when training, got " + std::to_string(n));
 
-  const double count = double(n), momentum = running.momentum;
-  auto finish = [&](Index c, const bnorm::detail::Partial& m, T* coef) {
-    const double var = m.b / count;
-    const double invstd = 1.0 / std::sqrt(var + eps);
-    const double w = affine.weight ? double(affine.weight[c]) : 1.0;
-    const Index C = shape.channels;
-    const auto mean_t = bnorm::detail::split_mean<T>(m);
-    const double scale = w * invstd;
-    coef[c] = mean_t.high;
-    coef[C + c] = T(scale);
-    coef[2 * C + c] = T((affine.bias ? double(affine.bias[c]) : 0.0) - mean_t.low * scale);
-    const double mean = m.mean();
-    if (mean_exact) mean_exact[c] = mean;
-    if (stats.mean) stats.mean[c] = T(mean);
-    if (stats.invstd) stats.invstd[c] = T(invstd);
+  // The channels of a batch one output at a time: each loop vectorizes, the square roots and
+  // divisions above all.
+  const double count = double(n), momentum = running.momentum, unbias = count / (count - 1);
+  const Index C = shape.channels;
+  auto finish = [&](Index c0, Index nc, const bnorm::detail::Partial* m, T* coef) {
+    double var[bnorm::detail::kFinishBatch], invstd[bnorm::detail::kFinishBatch];
+    for (Index j = 0; j < nc; ++j) {
+      var[j] = m[j].b / count;
+      invstd[j] = 1.0 / std::sqrt(var[j] + eps);
+    }
+    for (Index j = 0; j < nc; ++j) {
+      const Index c = c0 + j;
+      const double scale = (affine.weight ? double(affine.weight[c]) : 1.0) * invstd[j];
+      const auto mean_t = bnorm::detail::split_mean<T>(m[j]);
+      coef[c] = mean_t.high;
+      coef[C + c] = T(scale);
+      coef[2 * C + c] = T((affine.bias ? double(affine.bias[c]) : 0.0) - mean_t.low * scale);
+    }
+    if (mean_exact)
+      for (Index j = 0; j < nc; ++j) mean_exact[c0 + j] = m[j].mean();
+    if (stats.mean)
+      for (Index j = 0; j < nc; ++j) stats.mean[c0 + j] = T(m[j].mean());
+    if (stats.invstd)
+      for (Index j = 0; j < nc; ++j) stats.invstd[c0 + j] = T(invstd[j]);
     if (running.mean)
-      running.mean[c] = T((1 - momentum) * double(running.mean[c]) + momentum * mean);
+      for (Index j = 0; j < nc; ++j)
+        running.mean[c0 + j] =
+            T((1 - momentum) * double(running.mean[c0 + j]) + momentum * m[j].mean());
     if (running.var)
-      running.var[c] =
-          T((1 - momentum) * double(running.var[c]) + momentum * var * count / (count - 1));
+      for (Index j = 0; j < nc; ++j)
+        running.var[c0 + j] =
+            T((1 - momentum) * double(running.var[c0 + j]) + momentum * var[j] * unbias);
   };
   const T* in[] = {x};
   bnorm::detail::Streams<T, 1> s{{x}, y, copy_of_x};
@@ -201,34 +213,41 @@ void backward(const Shape& shape, const T* dy, const T* x, T* dx, Statistics kin
   auto& ws = workspace(ex);
   const T* in[] = {dy, x};
   const double count = double(shape.per_channel());
-  auto grads = [&](Index c, const Partial& sums) {
-    if (grad_bias) grad_bias[c] = T(sums.a);
-    if (grad_weight) grad_weight[c] = T(sums.b * double(invstd[c]));
+  auto grads = [&](Index c0, Index n, const Partial* sums) {
+    if (grad_bias)
+      for (Index j = 0; j < n; ++j) grad_bias[c0 + j] = T(sums[j].a);
+    if (grad_weight)
+      for (Index j = 0; j < n; ++j) grad_weight[c0 + j] = T(sums[j].b * double(invstd[c0 + j]));
   };
   auto scale_of = [&](Index c) {
     return (weight ? double(weight[c]) : 1.0) * double(invstd[c]);
   };
 
   if (kind == Statistics::Batch) {
-    auto finish = [&](Index c, const Partial& sums, T* coef) {
-      grads(c, sums);
-      const double k = scale_of(c), is = double(invstd[c]);
-      const auto mean_t = split_mean<T>(Partial{1, 0, 0, mean[c]});
-      const double slope = -k * is * is * sums.b / count;
-      coef[c] = T(k);
-      coef[C + c] = mean_t.high;
-      coef[2 * C + c] = T(slope);
-      coef[3 * C + c] = T(-k * sums.a / count - mean_t.low * slope);
+    auto finish = [&](Index c0, Index n, const Partial* sums, T* coef) {
+      grads(c0, n, sums);
+      for (Index j = 0; j < n; ++j) {
+        const Index c = c0 + j;
+        const double k = scale_of(c), is = double(invstd[c]);
+        const auto mean_t = split_mean<T>(Partial{1, 0, 0, mean[c]});
+        const double slope = -k * is * is * sums[j].b / count;
+        coef[c] = T(k);
+        coef[C + c] = mean_t.high;
+        coef[2 * C + c] = T(slope);
+        coef[3 * C + c] = T(-k * sums[j].a / count - mean_t.low * slope);
+      }
     };
     reduce_then_apply<InputGradOp, GradientSums>(g, in, mean, merge_sums, finish,
                                                  Streams<T, 2>{{dy, x}, dx}, ws, ex.device);
     return;
   }
   // Frozen statistics: dx = dy * weight * invstd; the sums are only needed for the gradients.
-  auto finish = [&](Index c, const Partial& sums, T* coef) {
-    grads(c, sums);
-    coef[c] = T(scale_of(c));
-    coef[C + c] = T(0);
+  auto finish = [&](Index c0, Index n, const Partial* sums, T* coef) {
+    if (sums) grads(c0, n, sums);
+    for (Index c = c0; c < c0 + n; ++c) {
+      coef[c] = T(scale_of(c));
+      coef[C + c] = T(0);
+    }
   };
   const Streams<T, 1> s{{dy}, dx};
   if (grad_weight || grad_bias) {
@@ -237,7 +256,7 @@ void backward(const Shape& shape, const T* dy, const T* x, T* dx, Statistics kin
     return;
   }
   ws.coefs.resize(std::size_t(ScaleShiftOp::kCoefs * C));
-  for (Index c = 0; c < C; ++c) finish(c, Partial{}, ws.coefs.data());
+  finish(0, C, nullptr, ws.coefs.data());
   apply_all<ScaleShiftOp>(g, s, ws, ex.device);
 }
 
