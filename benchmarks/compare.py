@@ -5,7 +5,7 @@
     benchmarks/compare.py --json results.json
 
 Every figure is a median over repetitions of one run, in which all implementations ran on the
-same machine one after the other. Ratios: bnorm / memcpy (time of bnorm over the time of a
+same machine, their repetitions interleaved in random order. Ratios: bnorm / memcpy (time of bnorm over the time of a
 memcpy of the same tensor: 1.0 is the roofline of a forward), peer / bnorm (above 1: bnorm is
 faster). oneDNN's figure is its fastest layout for the shape (plain, NHWC or nChw16c).
 """
@@ -21,8 +21,12 @@ PASSES = ["fwd_train", "fwd_infer", "bwd"]
 
 
 def run(binary, filt, reps, min_time):
+    # Repetitions of all benchmarks in random order: on a shared machine, whose speed drifts
+    # over minutes, the medians of a benchmark and of the memcpy it is compared with are then
+    # taken over the same stretch of time.
     cmd = [binary, "--benchmark_format=json", f"--benchmark_repetitions={reps}",
-           "--benchmark_report_aggregates_only=true", f"--benchmark_min_time={min_time}"]
+           "--benchmark_report_aggregates_only=true", f"--benchmark_min_time={min_time}",
+           "--benchmark_enable_random_interleaving=true"]
     if filt:
         cmd.append(f"--benchmark_filter={filt}")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -30,8 +34,11 @@ def run(binary, filt, reps, min_time):
 
 
 def medians(data):
+    """Median times in ms by (impl, pass, layout, shape, threads), in the order of registration
+    (the run itself interleaves them)."""
     times = {}
-    for b in data["benchmarks"]:
+    runs = sorted(data["benchmarks"], key=lambda b: b.get("family_index", 0))
+    for b in runs:
         if b.get("aggregate_name", "median") != "median":
             continue
         name = b.get("run_name", b["name"]).replace("_median", "")
@@ -56,7 +63,8 @@ def machine(context):
                        for c in context.get("caches", []) if c["type"] != "Instruction")
     return (f"{cpu} ({isa}), {context.get('num_cpus', '?')} cores at "
             f"{context.get('mhz_per_cpu', '?')} MHz, caches: {caches}; {platform.system()}; "
-            f"float32, benchmarks built with -O3 -march=native")
+            f"float32, tensors starting on a 64-byte boundary, benchmarks built with "
+            f"-O3 -march=native")
 
 
 def table(times, context):

@@ -372,8 +372,8 @@ Index padded(Index channels) {
 
 /// A worker's room for the ACROSS reductions of C channels: `values`, sweep_values_size(C) of
 /// them, for the centers and the two sets of two sums in T, and `sums`, sweep_sums_size(C), for
-/// the block's two sums in double (added up in packets: a channel at a time, the bookkeeping of a
-/// block cost more than its sweep on a 256 x 512 tensor).
+/// the block's two sums in double (added up in packets: on 16 rows of 512 channels, adding them up
+/// a channel at a time cost more than the sweep itself).
 template <class T>
 struct SweepScratch {
   T* values;
@@ -902,9 +902,9 @@ inline Index channels_per_group(const Geometry& g, int inputs, std::size_t eleme
   return std::max<Index>(1, kGroupBytes / std::max<Index>(bytes, 1));
 }
 
-/// Step 2 hands finish() the totals of at most this many channels at a time: its work per
-/// channel (square roots and divisions) then runs as vector loops rather than one channel after
-/// another, which took a (256, 512) forward a quarter of its time.
+/// Step 2 hands finish() the totals of at most this many channels at a time, so that its work
+/// per channel (square roots and divisions) runs as vector loops: the work per channel, one
+/// channel after another, took about a quarter of a (256, 512) forward.
 inline constexpr Index kFinishBatch = 64;
 
 /// A reduction: what is summed per block (Step, or moments when Step is void), how blocks merge,
