@@ -2,18 +2,20 @@
 """Runs bnorm_bench (or reads its JSON output) and prints ratios per shape, as Markdown.
 
     benchmarks/compare.py build/test/benchmarks/bnorm_bench [--filter RE] [--readme README.md]
-    benchmarks/compare.py --json results.json
+    benchmarks/compare.py --json run1.json [run2.json ...]
 
-Every figure is a median over repetitions of one run, in which all implementations ran on the
-same machine, their repetitions interleaved in random order. Ratios: bnorm / memcpy (time of bnorm over the time of a
-memcpy of the same tensor: 1.0 is the roofline of a forward), peer / bnorm (above 1: bnorm is
-faster). oneDNN's figure is its fastest layout for the shape (plain, NHWC or nChw16c).
+Every time is a median over the repetitions of one run, in which all implementations ran on the
+same machine, their repetitions interleaved in random order; given several runs (--json), the
+median of their medians. Ratios: bnorm / memcpy (time of bnorm over the time of a memcpy of the
+same tensor: 1.0 is the roofline of a forward), peer / bnorm (above 1: bnorm is faster).
+oneDNN's figure is its fastest layout for the shape (plain, NHWC or nChw16c).
 """
 import argparse
 import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 
@@ -67,37 +69,61 @@ def machine(context):
             f"-O3 -march=native")
 
 
-def table(times, context):
-    shapes = []
-    for key in times:
-        if key[3] not in shapes:
-            shapes.append(key[3])
-    lines = [f"Machine: {machine(context)}. Medians of one run.", ""]
+def cells(times):
+    """Per (shape, layout, pass), in registration order: bnorm's time in ms (1 thread), then the
+    ratios of the table (None where a peer is missing)."""
+    out = {}
+    for (impl, pas, layout, shape, threads), b1 in times.items():
+        if impl != "bnorm" or threads != "t1":
+            continue
+        mem = {t: times.get(("memcpy", "copy", "-", shape, t)) for t in ("t1", "t2")}
+        b2 = times.get(("bnorm", pas, layout, shape, "t2"))
+        peers = [times[k] for k in times
+                 if k[0] == "onednn" and k[1] == pas and k[3] == shape and k[4] == "t1"]
+        naive = times.get(("naive_eigen", pas, layout, shape, "t1"))
+        out[(shape, layout, pas)] = [
+            b1,
+            b1 / mem["t1"] if mem["t1"] else None,
+            min(peers) / b1 if peers else None,
+            naive / b1 if naive else None,
+            b1 / b2 if b2 else None,
+            b2 / mem["t2"] if b2 and mem["t2"] else None]
+    return out
+
+
+def median_of_runs(runs):
+    """Each figure's median over the runs. Ratios are taken within a run first: on a shared
+    machine whole runs drift, and a ratio of two figures from the same run drifts less."""
+    combined = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs if key in r]
+        combined[key] = [statistics.median(v) if v else None for v in
+                         ([x[i] for x in values if x[i] is not None] for i in range(6))]
+    return combined
+
+
+def table(figures, context, runs=1):
+    what = "Medians of one run" if runs == 1 else f"Medians over {runs} runs"
+    lines = [f"Machine: {machine(context)}. {what}.", ""]
     lines.append("| shape | layout | pass | bnorm ms (1 thr) | bnorm / memcpy | oneDNN best / bnorm "
                  "| naive Eigen / bnorm | 2 thr speedup | bnorm 2 thr / memcpy 2 thr |")
     lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|")
     worst = {}
+    shapes = []
+    for shape, _, _ in figures:
+        if shape not in shapes:
+            shapes.append(shape)
+    fmt = lambda v: "" if v is None else f"{v:.2f}"
     for shape in shapes:
-        mem = {t: times.get(("memcpy", "copy", "-", shape, t)) for t in ("t1", "t2")}
         for layout in ("NCHW", "NHWC"):
             for pas in PASSES:
-                b1 = times.get(("bnorm", pas, layout, shape, "t1"))
-                b2 = times.get(("bnorm", pas, layout, shape, "t2"))
-                if b1 is None:
+                if (shape, layout, pas) not in figures:
                     continue
-                peers = [times[k] for k in times if k[0] == "onednn" and k[1] == pas
-                         and k[3] == shape and k[4] == "t1"]
-                naive = times.get(("naive_eigen", pas, layout, shape, "t1"))
-                fmt = lambda v: "" if v is None else f"{v:.2f}"
-                row = [shape, layout, pas, f"{b1:.3f}",
-                       fmt(b1 / mem["t1"] if mem["t1"] else None),
-                       fmt(min(peers) / b1 if peers else None),
-                       fmt(naive / b1 if naive else None),
-                       fmt(b1 / b2 if b2 else None),
-                       fmt(b2 / mem["t2"] if b2 and mem["t2"] else None)]
-                lines.append("| " + " | ".join(row) + " |")
-                if mem["t1"]:
-                    worst[(pas, layout)] = max(worst.get((pas, layout), 0), b1 / mem["t1"])
+                ms, *ratios = figures[(shape, layout, pas)]
+                lines.append("| " + " | ".join([shape, layout, pas, f"{ms:.3f}"] +
+                                               [fmt(r) for r in ratios]) + " |")
+                if ratios[0] is not None:
+                    worst[(pas, layout)] = max(worst.get((pas, layout), 0), ratios[0])
     lines.append("")
     lines.append("Worst bnorm / memcpy over the shapes (1 thread): " + ", ".join(
         f"{p} {l} {v:.2f}" for (p, l), v in sorted(worst.items())) + ".")
@@ -107,7 +133,8 @@ def table(times, context):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("binary", nargs="?")
-    ap.add_argument("--json", help="read this JSON output of bnorm_bench instead of running it")
+    ap.add_argument("--json", nargs="+",
+                    help="read these JSON outputs of bnorm_bench (runs) instead of running it")
     ap.add_argument("--save", help="also write the raw JSON here")
     ap.add_argument("--filter", default="")
     ap.add_argument("--repetitions", type=int, default=5)
@@ -115,14 +142,15 @@ def main():
     ap.add_argument("--readme", help="replace the section between the perf markers of this file")
     args = ap.parse_args()
     if args.json:
-        data = json.load(open(args.json))
+        runs = [json.load(open(path)) for path in args.json]
     elif args.binary:
-        data = run(args.binary, args.filter, args.repetitions, args.min_time)
+        runs = [run(args.binary, args.filter, args.repetitions, args.min_time)]
     else:
         ap.error("give the benchmark binary or --json")
     if args.save:
-        json.dump(data, open(args.save, "w"))
-    text = table(medians(data), data.get("context", {}))
+        json.dump(runs[0], open(args.save, "w"))
+    figures = median_of_runs([cells(medians(data)) for data in runs])
+    text = table(figures, runs[0].get("context", {}), len(runs))
     print(text)
     if args.readme:
         readme = open(args.readme).read()
