@@ -5,8 +5,8 @@
     benchmarks/compare.py --json run1.json [run2.json ...]
 
 Every time is a median over the repetitions of one run, in which all implementations ran on the
-same machine, their repetitions interleaved in random order; given several runs (--json), the
-median of their medians. Ratios: bnorm / memcpy (time of bnorm over the time of a memcpy of the
+same machine, their repetitions interleaved in random order. Given several runs (--json), each
+figure is taken within every run, then its median over the runs is reported. Ratios: bnorm / memcpy (time of bnorm over the time of a memcpy of the
 same tensor: 1.0 is the roofline of a forward), peer / bnorm (above 1: bnorm is faster).
 oneDNN's figure is its fastest layout for the shape (plain, NHWC or nChw16c).
 """
@@ -95,10 +95,10 @@ def median_of_runs(runs):
     """Each figure's median over the runs. Ratios are taken within a run first: on a shared
     machine whole runs drift, and a ratio of two figures from the same run drifts less."""
     combined = {}
-    for key in runs[0]:
-        values = [r[key] for r in runs if key in r]
-        combined[key] = [statistics.median(v) if v else None for v in
-                         ([x[i] for x in values if x[i] is not None] for i in range(6))]
+    for key, first in runs[0].items():
+        rows = [r[key] for r in runs if key in r]
+        columns = ([row[i] for row in rows if row[i] is not None] for i in range(len(first)))
+        combined[key] = [statistics.median(c) if c else None for c in columns]
     return combined
 
 
