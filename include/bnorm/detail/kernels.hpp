@@ -30,6 +30,15 @@
 
 namespace bnorm::detail {
 
+/// ALONG runs shorter than this are handled a row of channels at a time, as the rows of ACROSS
+/// data are: reduced position by position (see sweep_across) and applied with RowCoefs. A run per
+/// channel would spend much of its time on its ends, and could not stream its stores.
+inline constexpr Index kShortRun = 256;
+/// Short ALONG runs are swept a piece of channels at a time, about this many positions wide: the
+/// accumulators the sweep reads and writes with every row (five values of T per position, 20 KiB
+/// of floats) then stay in L1. (512 to 4096 measured alike on 7 x 7 and 14 x 14 images.)
+inline constexpr Index kSweepWidth = 1024;
+
 struct Geometry {
   Index outer = 0;
   Index channels = 0;
@@ -70,6 +79,9 @@ struct Blocking {
   // ALONG (inner > 1): block b of a channel covers rows [first_row, first_row + rows) of that
   // channel, and within each row the elements [first, first + len) of the inner run.
   static constexpr Index kAlongElems = 2048;  // 8 KiB of floats: pass two reads from L1
+  // ALONG with runs shorter than kShortRun: block b covers rows [b * rows, ...) of a channel,
+  // reduced as ACROSS blocks are (see sweep_across), in one sub-block of rows.
+  static constexpr Index kShortRows = 128;
   // ACROSS (inner == 1): block b covers rows [b * rows, ...) of every channel. Blocks are
   // large, since each one ends with scalar work per channel (finishing its sums, merging them),
   // all of about the same size, and a multiple of four of them where there are several, so
@@ -89,6 +101,10 @@ struct Blocking {
       Index wanted = std::max<Index>(1, (g.outer + most - 1) / most);
       if (wanted > 1) wanted = (wanted + 3) / 4 * 4;
       rows = std::max<Index>(1, (g.outer + wanted - 1) / wanted);
+      blocks = (g.outer + rows - 1) / rows;
+    } else if (g.inner < kShortRun) {
+      rows = kShortRows;
+      piece = g.inner;
       blocks = (g.outer + rows - 1) / rows;
     } else if (g.inner >= kAlongElems) {
       pieces = (g.inner + kAlongElems - 1) / kAlongElems;
@@ -356,44 +372,47 @@ Partial moments_along(const T* x, Index stride, Index runs, Index len) {
                              1.0 / double(runs * len));
 }
 
-/// ACROSS reductions sweep a block row by row: memory is read in order, which the hardware
-/// prefetches, with eight streams of rows in flight. Every channel's accumulators live in a
-/// per-worker table (a few KiB per thousand channels, so it stays in L1 or L2) and are loaded
-/// and stored once per four or eight rows. Rows alternate between two sets of accumulators, and
-/// a block is summed in sub-blocks of 2 * kTermsInT rows whose sums in T are added up in double:
-/// each lane adds at most kTermsInT values in T, as in step_sums_along.
+/// ACROSS reductions, and ALONG ones over short runs, sweep a block row by row: memory is read in
+/// order, which the hardware prefetches, with eight streams of rows in flight. A row holds C
+/// channels of `inner` positions each (inner = 1 ACROSS); every position has its own
+/// accumulators in a per-worker table (a few KiB per thousand positions, so it stays in L1 or
+/// L2), loaded and stored once per four or eight rows, and a channel's sums are its positions'
+/// sums added up at the end of the block. Summed run by run instead, 7 x 7 images spent more time
+/// on the ends of their runs than on their values. Rows alternate between two sets of
+/// accumulators, and a block is summed in sub-blocks of 2 * kTermsInT rows whose sums in T are
+/// added up in double: each lane adds at most kTermsInT values in T, as in step_sums_along.
 
-/// Values of T per channel table, padded to whole packets: the padding lanes load zeros (inputs
-/// and centers alike) and so add nothing.
+/// Values of T per position table, padded to whole packets: the padding lanes load zeros
+/// (inputs and centers alike) and so add nothing.
 template <class T>
-Index padded(Index channels) {
-  return (channels + kLanes<T> - 1) / kLanes<T> * kLanes<T>;
+Index padded(Index positions) {
+  return (positions + kLanes<T> - 1) / kLanes<T> * kLanes<T>;
 }
 
-/// A worker's room for the ACROSS reductions of C channels: `values`, sweep_values_size(C) of
-/// them, for the centers and the two sets of two sums in T, and `sums`, sweep_sums_size(C), for
-/// the block's two sums in double (added up in packets: on 16 rows of 512 channels, adding them up
-/// a channel at a time cost more than the sweep itself).
+/// A worker's room for sweeping `width` positions: `values`, sweep_values_size(width) of them,
+/// for the centers and the two sets of two sums in T, and `sums`, sweep_sums_size(width), for
+/// the block's two sums in double (added up in packets: on 16 rows of 512 channels, adding them
+/// up a channel at a time cost more than the sweep itself).
 template <class T>
 struct SweepScratch {
   T* values;
   double* sums;
 };
 template <class T>
-Index sweep_values_size(Index channels) {
-  return 5 * padded<T>(channels);
+Index sweep_values_size(Index width) {
+  return 5 * padded<T>(width);
 }
 template <class T>
-Index sweep_sums_size(Index channels) {
-  return 2 * padded<T>(channels);
+Index sweep_sums_size(Index width) {
+  return 2 * padded<T>(width);
 }
 
-/// Step's sums of C channels over the R rows row[0..R) of a block (rows `pitch` values apart)
-/// into the accumulators acc (set s of sum q at acc[(2 * s + q) * stride]), row[j] into set
-/// (S + j) % 2, centered on near[].
+/// Step's sums of `width` positions over the R rows row[0..R) of a block (rows `pitch` values
+/// apart) into the accumulators acc (set s of sum q at acc[(2 * s + q) * stride]), row[j] into
+/// set (S + j) % 2, centered on near[].
 template <class Step, int R, int S, class T>
-void sweep_rows(const T* const* in, Index pitch, Index C, const Index* row, const T* near, T* acc,
-                Index stride) {
+void sweep_rows(const T* const* in, Index pitch, Index width, const Index* row, const T* near,
+                T* acc, Index stride) {
   using P = Packet<T>;
   constexpr Index L = kLanes<T>;
   const T* at[R][Step::kInputs];
@@ -408,7 +427,7 @@ void sweep_rows(const T* const* in, Index pitch, Index C, const Index* row, cons
     unroll<R>([&](int j) {
       P v[Step::kInputs];
       unroll<Step::kInputs>([&](int i) {
-        if constexpr (decltype(cut)::value) v[i] = load_first(at[j][i] + c, C - c);
+        if constexpr (decltype(cut)::value) v[i] = load_first(at[j][i] + c, width - c);
         else v[i] = ei::ploadu<P>(at[j][i] + c);
       });
       Step::add(v, k, sum[(S + j) % 2][0], sum[(S + j) % 2][1]);
@@ -418,20 +437,30 @@ void sweep_rows(const T* const* in, Index pitch, Index C, const Index* row, cons
     });
   };
   Index c = 0;
-  for (; c + L <= C; c += L) packets(c, std::false_type{});
-  if (c < C) packets(c, std::true_type{});
+  for (; c + L <= width; c += L) packets(c, std::false_type{});
+  if (c < width) packets(c, std::true_type{});
 }
 
-/// ACROSS: Step's sums over a block of `rows` rows (`pitch` values apart) for C channels,
-/// centered on near[c], into out[c]. near[] may be the first part of scratch.values.
-/// A channel whose sums in T are not finite (values near T's maximum, NaN, inf) is summed again
-/// in double on its own, so it cannot change another channel's bits.
+/// The sum of n doubles, in packets: a channel's positions give the same sum wherever they lie.
+inline double sum_of(const double* p, Index n) {
+  Wide acc = ei::pset1<Wide>(0.0);
+  Index i = 0;
+  for (; i + kWideLanes <= n; i += kWideLanes) acc = ei::padd(acc, ei::ploadu<Wide>(p + i));
+  if (i < n) acc = ei::padd(acc, load_first(p + i, n - i));
+  return ei::predux(acc);
+}
+
+/// Step's sums over a block of `rows` rows (`pitch` values apart) for C channels of `inner`
+/// positions, position p centered on near[p], into out[c]. near[] may be the first part of
+/// scratch.values. A channel whose sums in T are not finite (values near T's maximum, NaN, inf)
+/// is summed again in double on its own, so it cannot change another channel's bits.
 template <class Step, class T>
-void sweep_across(const T* const* in, Index pitch, Index C, Index rows, const T* near,
-                  SweepScratch<T> scratch, Partial* out) {
-  const Index stride = padded<T>(C);  // a whole number of packets of T, and so of doubles
+void sweep_across(const T* const* in, Index pitch, Index C, Index inner, Index rows,
+                  const T* near, SweepScratch<T> scratch, Partial* out) {
+  const Index width = C * inner;
+  const Index stride = padded<T>(width);  // a whole number of packets of T, and so of doubles
   T* acc = scratch.values + stride;
-  double* sums = scratch.sums;  // sum q of channel c at sums[q * stride + c]
+  double* sums = scratch.sums;  // sum q of position p at sums[q * stride + p]
   std::fill_n(sums, 2 * stride, 0.0);
   constexpr Index sub = 2 * kTermsInT;  // also in double: short chains of additions err less
   for (Index r0 = 0; r0 < rows; r0 += sub) {
@@ -446,11 +475,11 @@ void sweep_across(const T* const* in, Index pitch, Index C, Index rows, const T*
     for (Index r = r0; r < r0 + q; ++r) {
       Index row[R];
       for (int j = 0; j < R; ++j) row[j] = r + j * q;
-      sweep_rows<Step, R, 0>(in, pitch, C, row, near, acc, stride);
+      sweep_rows<Step, R, 0>(in, pitch, width, row, near, acc, stride);
     }
     for (Index r = r0 + R * q; r < r1; ++r) {
-      if ((r - r0) % 2 == 0) sweep_rows<Step, 1, 0>(in, pitch, C, &r, near, acc, stride);
-      else sweep_rows<Step, 1, 1>(in, pitch, C, &r, near, acc, stride);
+      if ((r - r0) % 2 == 0) sweep_rows<Step, 1, 0>(in, pitch, width, &r, near, acc, stride);
+      else sweep_rows<Step, 1, 1>(in, pitch, width, &r, near, acc, stride);
     }
     for (int q = 0; q < 2; ++q) {  // sum q += set 0's + set 1's
       for (Index c = 0; c < stride; c += kWideLanes) {
@@ -461,58 +490,84 @@ void sweep_across(const T* const* in, Index pitch, Index C, Index rows, const T*
     }
   }
   bool finite = true;
+  const double count = double(rows * inner);
   for (Index c = 0; c < C; ++c) {
-    out[c] = {double(rows), sums[c], sums[stride + c]};
-    finite &= std::isfinite(sums[c]) & std::isfinite(sums[stride + c]);
+    const double* a = sums + c * inner;
+    const double* b = sums + stride + c * inner;
+    out[c] = inner == 1 ? Partial{count, *a, *b} : Partial{count, sum_of(a, inner), sum_of(b, inner)};
+    finite &= std::isfinite(out[c].a) & std::isfinite(out[c].b);
   }
   if constexpr (!std::is_same_v<T, double>) {
     for (Index c = 0; c < C && !finite; ++c) {
       if (std::isfinite(out[c].a) && std::isfinite(out[c].b)) continue;
       double a = 0, b = 0, v[Step::kInputs];
       for (Index r = 0; r < rows; ++r) {
-        for (int i = 0; i < Step::kInputs; ++i) v[i] = double(in[i][r * pitch + c]);
-        Step::add(v, double(near[c]), a, b);
+        for (Index p = c * inner; p < (c + 1) * inner; ++p) {
+          for (int i = 0; i < Step::kInputs; ++i) v[i] = double(in[i][r * pitch + p]);
+          Step::add(v, double(near[p]), a, b);
+        }
       }
-      out[c] = {double(rows), a, b};
+      out[c] = {count, a, b};
     }
   }
 }
 
-/// ACROSS: Step's sums over a block of rows, centered on center[c] (see sweep_across).
-template <class Step, class T>
-void step_sums_across(const T* const* in, Index pitch, Index C, Index rows, const double* center,
-                      SweepScratch<T> scratch, Partial* out) {
-  T* near = scratch.values;  // the centers rounded to T: subtractions near them are exact
-  for (Index c = 0; c < padded<T>(C); ++c) near[c] = c < C ? T(center[c]) : T(0);
-  sweep_across<Step>(in, pitch, C, rows, near, scratch, out);
-  for (Index c = 0; c < C; ++c) out[c] = Step::recenter(out[c], double(near[c]), center[c]);
+/// Fills each channel's `inner` positions of table[] with its value[c], and the padding with 0.
+template <class T, class V>
+void spread(const V* value, Index C, Index inner, T* table) {
+  for (Index c = 0; c < C; ++c) std::fill_n(table + c * inner, inner, T(value[c]));
+  std::fill(table + C * inner, table + padded<T>(C * inner), T(0));
 }
 
-/// ACROSS: moments over a block of rows in one pass: a channel's shift is the mean of its
-/// first rows (see shift_of).
+/// Step's sums over a block of rows, centered on center[c] (see sweep_across).
+template <class Step, class T>
+void step_sums_across(const T* const* in, Index pitch, Index C, Index inner, Index rows,
+                      const double* center, SweepScratch<T> scratch, Partial* out) {
+  T* near = scratch.values;  // the centers rounded to T: subtractions near them are exact
+  spread(center, C, inner, near);
+  sweep_across<Step>(in, pitch, C, inner, rows, near, scratch, out);
+  for (Index c = 0; c < C; ++c)
+    out[c] = Step::recenter(out[c], double(near[c * inner]), center[c]);
+}
+
+/// Moments over a block of rows in one pass: a channel's shift is the mean of its first
+/// positions of its first rows, at least 16 values where the block has them (see shift_of).
 template <class T>
-void moments_across(const T* x, Index pitch, Index C, Index rows, SweepScratch<T> scratch,
-                    Partial* out) {
+void moments_across(const T* x, Index pitch, Index C, Index inner, Index rows,
+                    SweepScratch<T> scratch, Partial* out) {
   using P = Packet<T>;
   constexpr Index L = kLanes<T>;
-  const Index m = std::min(rows, kShiftValues / 4), stride = padded<T>(C);
-  T* shift = scratch.values;
+  const Index width = C * inner, stride = padded<T>(width);
+  const Index m = std::min(rows, (kShiftValues / 4 + inner - 1) / inner);
+  T* shift = scratch.values;  // first per position, then per channel, then spread
   std::fill_n(shift, stride, T(0));
   for (Index r = 0; r < m; ++r) {
     const T* row = x + r * pitch;
     Index c = 0;
-    for (; c + L <= C; c += L)
+    for (; c + L <= width; c += L)
       ei::pstoreu(shift + c, ei::padd(ei::ploadu<P>(shift + c), ei::ploadu<P>(row + c)));
-    if (c < C)
-      ei::pstoreu(shift + c, ei::padd(ei::ploadu<P>(shift + c), load_first(row + c, C - c)));
+    if (c < width)
+      ei::pstoreu(shift + c, ei::padd(ei::ploadu<P>(shift + c), load_first(row + c, width - c)));
   }
-  const T share = T(1) / T(m);  // a shift need only be near the mean
-  for (Index c = 0; c < C; ++c) shift[c] *= share;
+  if (inner == 1) {
+    const T share = T(1) / T(m);  // a shift need only be near the mean
+    for (Index c = 0; c < C; ++c) shift[c] *= share;
+  } else {  // the first packet of each channel's positions (those of a channel are contiguous)
+    const Index k = std::min(inner, L);
+    const T share = T(1) / T(m * k);
+    for (Index c = 0; c < C; ++c) {
+      const T* at = shift + c * inner;
+      shift[c] = ei::predux(k == L ? ei::ploadu<P>(at) : load_first(at, k)) * share;
+    }
+  }
   for (Index c = 0; c < C; ++c)
-    if (!std::isfinite(shift[c])) shift[c] = std::isfinite(x[c]) ? x[c] : T(0);  // NaN, inf
-  sweep_across<CenteredSums>(&x, pitch, C, rows, shift, scratch, out);
-  const double inverse = 1.0 / double(rows);  // every channel's count
-  for (Index c = 0; c < C; ++c) out[c] = centered_to_moments(out[c], double(shift[c]), inverse);
+    if (!std::isfinite(shift[c])) shift[c] = std::isfinite(x[c * inner]) ? x[c * inner] : T(0);
+  if (inner > 1)  // from the last channel down: channel c's value is read before it is covered
+    for (Index c = C; c-- > 0;) std::fill_n(shift + c * inner, inner, shift[c]);
+  sweep_across<CenteredSums>(&x, pitch, C, inner, rows, shift, scratch, out);
+  const double inverse = 1.0 / double(rows * inner);  // every channel's count
+  for (Index c = 0; c < C; ++c)
+    out[c] = centered_to_moments(out[c], double(shift[c * inner]), inverse);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -787,9 +842,6 @@ void apply_along(const Geometry& g, const Streams<T, Op::kInputs>& s, const T* c
   });
 }
 
-/// ALONG runs shorter than this are applied a row of channels at a time (see RowCoefs): a run
-/// per channel would spend much of its time on its ends, and could not stream its stores.
-inline constexpr Index kShortRun = 256;
 // A chunk's table of coefficients takes at most this much: a third of a 48 KiB L1 data cache,
 // beside the inputs streaming through it. (32 KiB, for the four of backward, was 5-12% slower.)
 inline constexpr Index kChunkTableBytes = Index{16} << 10;
@@ -911,11 +963,13 @@ inline constexpr Index kFinishBatch = 64;
 /// and `finish(c, n, total, coef)`, which turns the totals of channels [c, c + n) (n at most
 /// kFinishBatch) into their coefficients.
 ///
-/// Runs step 1 over every block, step 2 per channel, and step 3 with Op. Where there are enough
-/// channels for every worker, each worker takes whole channels and does all three steps on one
-/// channel at a time, so the elementwise pass reads the channel back from cache. Otherwise the
-/// steps run one after the other, each split over all workers. Either way, every block is reduced
-/// by the same code and merged in the same order: the results do not depend on the split.
+/// Runs step 1 over every block, step 2 per channel, and step 3 with Op. ALONG with long runs,
+/// where there are enough channels for every worker, each worker takes whole channels and does
+/// all three steps on a group of them at a time, so the elementwise pass reads the group back
+/// from cache. Otherwise the steps run one after the other, each split over all workers: short
+/// runs are swept row by row, which a group's interleaved passes would cut into pieces too small
+/// to sweep (1.2-1.4x slower on 7 x 7 images). Either way, every block is reduced by the same
+/// code and merged in the same order: the results do not depend on the split.
 template <class Op, class Step, class T, class Merge, class Finish>
 void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const double* centers,
                        Merge merge, Finish finish, const Streams<T, Op::kInputs>& s,
@@ -929,123 +983,125 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
   const Blocking bl(g);
   ws.coefs.resize(std::size_t(Op::kCoefs * C));
   T* coef = ws.coefs.data();
-
-  if (!g.across()) {
-    const Index stride = C * g.inner;  // from one row of a channel to the next
-    auto block = [&](Index c, Index b) {
-      const auto e = bl.along(g, b);
-      const Index off = (e.first_row * C + c) * g.inner + e.first;
-      if constexpr (kMoments) {
-        return moments_along(reduce_in[0] + off, stride, e.rows, e.len);
-      } else {
-        const T* in[Step::kInputs];
-        for (int k = 0; k < Step::kInputs; ++k) in[k] = reduce_in[k] + off;
-        return step_sums_along<Step>(in, stride, e.rows, e.len, centers[c]);
-      }
-    };
-    if (workers(device) == 1 || C >= 4 * workers(device)) {
-      // Each worker takes whole channels, a group at a time, and does all three steps on a
-      // group, whose data the elementwise pass then reads back from cache.
-      const bool chunks = g.inner < kShortRun;
-      const int parts = apply_parts(g, Op::kInputs + 1, sizeof(T));
-      const Index group = std::min(channels_per_group(g, kReduceInputs, sizeof(T)),
-                                   chunks ? chunk_channels<Op, T>(g) : C);
-      const Index slot = chunks ? worker_slot<T>(chunk_table_size<T>(g, group, Op::kCoefs)) : 0;
-      ws.row_coefs.resize(std::size_t(slot * workers(device)));
-      auto run = [&](auto streaming) {
-        constexpr bool kStream = decltype(streaming)::value;
-        parallel_workers(device, C, [&](Index worker, Index c0, Index c1) {
-          // The reduction walks (channel, block) in order; `reduce(until)` advances it.
-          Index rc = c0, rb = 0, reduced = 0;
-          Partial total;
-          auto reduce = [&](Index until) {
-            for (; reduced < until; ++reduced) {
-              total = merge(total, block(rc, rb));
-              if (++rb == bl.blocks) {
-                finish(rc++, 1, &total, coef);
-                total = {};
-                rb = 0;
-              }
-            }
-          };
-          auto items = [&](Index gc0) {  // of the group starting at gc0
-            return (std::min(gc0 + group, c1) - std::min(gc0, c1)) * bl.blocks;
-          };
-          reduce(items(c0));
-          for (Index gc0 = c0; gc0 < c1; gc0 += group) {
-            const Index gc1 = std::min(gc0 + group, c1);
-            // Rows of this group are applied while the next group is reduced, in proportion.
-            const Index first = reduced, items_next = items(gc1);
-            Index row = 0;
-            auto after_row = [&] { reduce(first + items_next * ++row / g.outer); };
-            if (chunks) {
-              apply_chunk<Op, kStream>(g, s, coef, ws.row_coefs.data() + worker * slot, gc0, gc1,
-                                       0, g.outer, parts, after_row);
-            } else {
-              apply_along<Op, kStream>(g, s, coef, 0, g.outer, gc0, gc1, parts, after_row);
-            }
-          }
-          if constexpr (kStream) stream_fence();
-        });
-      };
-      if (streams_output(g, sizeof(T))) run(std::true_type{});
-      else run(std::false_type{});
-      return;
-    }
-    ws.partials.resize(std::size_t(C * bl.blocks));
-    Partial* part = ws.partials.data();
-    parallel_ranges(device, C * bl.blocks, [&](Index i0, Index i1) {
-      for (Index i = i0; i < i1; ++i) part[i] = block(i / bl.blocks, i % bl.blocks);
-    });
-    for (Index first = 0; first < C; first += kFinishBatch) {
-      const Index n = std::min(kFinishBatch, C - first);
-      Partial total[kFinishBatch];
-      for (Index j = 0; j < n; ++j)
-        for (Index b = 0; b < bl.blocks; ++b)
-          total[j] = merge(total[j], part[(first + j) * bl.blocks + b]);
-      finish(first, n, total, coef);
-    }
-    apply_all<Op>(g, s, ws, device);
-    return;
-  }
-
-  // ACROSS: block b holds rows [b * bl.rows, ...) of every channel.
   ws.partials.resize(std::size_t(C * bl.blocks));
-  Partial* part = ws.partials.data();
-  const Index room = worker_slot<T>(sweep_values_size<T>(C)),
-              sums_room = worker_slot<double>(sweep_sums_size<T>(C));
-  ws.sweeps.resize(std::size_t(room * workers(device)));
-  ws.sweep_sums.resize(std::size_t(sums_room * workers(device)));
-  // Workers take whole blocks, or share out the channels of every block in whole packets (a
-  // channel's sums do not depend on which channels are swept with it).
-  constexpr Index L = kLanes<T>;
-  const bool by_blocks = whole_blocks(g, bl, device, sizeof(T));
-  parallel_workers(device, by_blocks ? bl.blocks : (C + L - 1) / L,
-                   [&](Index worker, Index u0, Index u1) {
-    const SweepScratch<T> scratch{ws.sweeps.data() + worker * room,
-                                  ws.sweep_sums.data() + worker * sums_room};
-    const Index c0 = by_blocks ? 0 : u0 * L, c1 = by_blocks ? C : std::min(C, u1 * L);
-    for (Index b = by_blocks ? u0 : 0; b < (by_blocks ? u1 : bl.blocks); ++b) {
-      const Index rows = bl.across_rows(g, b);
-      const T* in[kReduceInputs];
-      for (int k = 0; k < kReduceInputs; ++k) in[k] = reduce_in[k] + b * bl.rows * C + c0;
-      Partial* out = part + b * C + c0;
-      if constexpr (kMoments) moments_across(in[0], C, c1 - c0, rows, scratch, out);
-      else step_sums_across<Step>(in, C, c1 - c0, rows, centers + c0, scratch, out);
-    }
-  });
-  // Channels are merged side by side, so that their chains of merges overlap. On a small
-  // tensor, the calling thread merges alone: waking a worker costs more than the merges.
-  const Eigen::ThreadPoolDevice* merging = fine_split(g, device, sizeof(T)) ? device : nullptr;
-  parallel_ranges(merging, C, [&](Index c0, Index c1) {
+  Partial* part = ws.partials.data();  // block b's of channel c at part[b * C + c]
+  const bool swept = g.inner < kShortRun;  // ACROSS, or ALONG with short runs
+  const bool by_groups = !swept && (workers(device) == 1 || C >= 4 * workers(device));
+
+  // Step 2 for channels [c0, c1): blocks merged into block 0's partials, in block order.
+  auto merge_and_finish = [&](Index c0, Index c1) {
     for (Index first = c0; first < c1; first += kFinishBatch) {
       const Index n = std::min(kFinishBatch, c1 - first);
-      Partial* total = part + first;  // block 0's, which the others merge into
+      Partial* total = part + first;
       for (Index b = 1; b < bl.blocks; ++b)
         for (Index j = 0; j < n; ++j) total[j] = merge(total[j], part[b * C + first + j]);
       finish(first, n, total, coef);
     }
-  });
+  };
+  // Step 1 for block b of channels [c0, c1): swept, or run by run (long ALONG runs).
+  auto reduce = [&](SweepScratch<T> scratch, Index b, Index c0, Index c1) {
+    Partial* out = part + b * C + c0;
+    if (swept) {
+      const Index pitch = C * g.inner, rows = std::min(bl.rows, g.outer - b * bl.rows);
+      const T* in[kReduceInputs];
+      for (int k = 0; k < kReduceInputs; ++k)
+        in[k] = reduce_in[k] + b * bl.rows * pitch + c0 * g.inner;
+      if constexpr (kMoments) moments_across(in[0], pitch, c1 - c0, g.inner, rows, scratch, out);
+      else step_sums_across<Step>(in, pitch, c1 - c0, g.inner, rows, centers + c0, scratch, out);
+      return;
+    }
+    const auto e = bl.along(g, b);
+    for (Index c = c0; c < c1; ++c) {
+      const Index off = (e.first_row * C + c) * g.inner + e.first;
+      if constexpr (kMoments) {
+        out[c - c0] = moments_along(reduce_in[0] + off, C * g.inner, e.rows, e.len);
+      } else {
+        const T* in[Step::kInputs];
+        for (int k = 0; k < Step::kInputs; ++k) in[k] = reduce_in[k] + off;
+        out[c - c0] = step_sums_along<Step>(in, C * g.inner, e.rows, e.len, centers[c]);
+      }
+    }
+  };
+  // Room for sweeping `width` positions, per worker.
+  auto sweep_room = [&](Index width) {
+    const Index room = worker_slot<T>(sweep_values_size<T>(width)),
+                sums_room = worker_slot<double>(sweep_sums_size<T>(width));
+    ws.sweeps.resize(std::size_t(room * workers(device)));
+    ws.sweep_sums.resize(std::size_t(sums_room * workers(device)));
+    return [&ws, room, sums_room](Index worker) {
+      return SweepScratch<T>{ws.sweeps.data() + worker * room,
+                             ws.sweep_sums.data() + worker * sums_room};
+    };
+  };
+
+  if (by_groups) {
+    // Each worker takes whole channels, a group at a time, and does all three steps on a group,
+    // whose data the elementwise pass then reads back from cache.
+    const int parts = apply_parts(g, Op::kInputs + 1, sizeof(T));
+    const Index group = channels_per_group(g, kReduceInputs, sizeof(T));
+    auto run = [&](auto streaming) {
+      constexpr bool kStream = decltype(streaming)::value;
+      parallel_workers(device, C, [&](Index, Index c0, Index c1) {
+        // The reduction walks (channel, block) in order, and a group's rows are applied while
+        // the next group is reduced, in proportion; `advance(until)` advances it.
+        Index rc = c0, rb = 0, reduced = 0;
+        auto advance = [&](Index until) {
+          for (; reduced < until; ++reduced) {
+            reduce(SweepScratch<T>{}, rb, rc, rc + 1);
+            if (++rb == bl.blocks) {
+              merge_and_finish(rc, rc + 1);
+              ++rc;
+              rb = 0;
+            }
+          }
+        };
+        auto items = [&](Index gc0) {  // of the group starting at gc0
+          return (std::min(gc0 + group, c1) - std::min(gc0, c1)) * bl.blocks;
+        };
+        advance(items(c0));
+        for (Index gc0 = c0; gc0 < c1; gc0 += group) {
+          const Index first = reduced, next = items(gc0 + group);
+          Index row = 0;
+          apply_along<Op, kStream>(g, s, coef, 0, g.outer, gc0, std::min(gc0 + group, c1), parts,
+                                   [&] { advance(first + next * ++row / g.outer); });
+        }
+        if constexpr (kStream) stream_fence();
+      });
+    };
+    if (streams_output(g, sizeof(T))) run(std::true_type{});
+    else run(std::false_type{});
+    return;
+  }
+
+  if (g.across()) {
+    // Workers take whole blocks, or share out the channels of every block in whole packets (a
+    // channel's sums do not depend on which channels are swept with it).
+    constexpr Index L = kLanes<T>;
+    const bool by_blocks = whole_blocks(g, bl, device, sizeof(T));
+    const auto scratch = sweep_room(C);
+    parallel_workers(device, by_blocks ? bl.blocks : (C + L - 1) / L,
+                     [&](Index worker, Index u0, Index u1) {
+      const Index c0 = by_blocks ? 0 : u0 * L, c1 = by_blocks ? C : std::min(C, u1 * L);
+      for (Index b = by_blocks ? u0 : 0; b < (by_blocks ? u1 : bl.blocks); ++b)
+        reduce(scratch(worker), b, c0, c1);
+    });
+  } else {
+    // ALONG: the blocks of pieces of channels, a piece of short runs as wide as a sweep's
+    // accumulators stay in L1 for.
+    const Index piece = swept ? std::max<Index>(1, kSweepWidth / g.inner) : 1;
+    const Index pieces = (C + piece - 1) / piece;
+    const auto scratch = sweep_room(swept ? std::min(C, piece) * g.inner : 0);
+    parallel_workers(device, pieces * bl.blocks, [&](Index worker, Index i0, Index i1) {
+      for (Index i = i0; i < i1; ++i) {
+        const Index c0 = i / bl.blocks * piece;
+        reduce(scratch(worker), i % bl.blocks, c0, std::min(C, c0 + piece));
+      }
+    });
+  }
+  // Channels are merged side by side, so that their chains of merges overlap. On a small
+  // tensor, the calling thread merges alone: waking a worker costs more than the merges.
+  const Eigen::ThreadPoolDevice* merging = fine_split(g, device, sizeof(T)) ? device : nullptr;
+  parallel_ranges(merging, C, merge_and_finish);
   apply_all<Op>(g, s, ws, device);
 }
 
