@@ -21,6 +21,7 @@
 #include <cassert>
 #include <cmath>
 #include <cstdint>
+#include <fstream>
 #include <vector>
 
 #include "parallel.hpp"
@@ -711,6 +712,20 @@ inline constexpr Index kStreamBytes = BNORM_STREAM_BYTES;
 inline constexpr Index kStreamBytes = Index{8} << 20;
 #endif
 
+/// The size of the last-level cache, read once. Linux's own figure comes first: a hypervisor
+/// may report another through CPUID, which Eigen reads (on an AMD EPYC VM, 320 MiB for a cache
+/// of 32 MiB).
+inline Index last_level_cache_bytes() {
+  static const Index bytes = [] {
+    Index kib = 0;
+#if defined(__linux__)
+    std::ifstream("/sys/devices/system/cpu/cpu0/cache/index3/size") >> kib;  // "32768K"
+#endif
+    return kib > 0 ? kib << 10 : Index(Eigen::l3CacheSize());
+  }();
+  return bytes;
+}
+
 /// Main memory is written and read faster with two streams far apart in flight than with one
 /// (not so data in cache, where more streams only cost): the elementwise passes over data too
 /// large for half the last-level cache (other processes share it), or for BNORM_FAR_BYTES
@@ -720,7 +735,7 @@ inline int apply_parts(const Geometry& g, int tensors, std::size_t element_bytes
 #ifdef BNORM_FAR_BYTES
   const Index far = BNORM_FAR_BYTES;
 #else
-  const Index far = Eigen::l3CacheSize() / 2;
+  const Index far = last_level_cache_bytes() / 2;
 #endif
   return g.size() * tensors * Index(element_bytes) > far ? kFarParts : 1;
 }
@@ -857,11 +872,10 @@ Index chunk_table_size(const Geometry& g, Index channels, int coefs) {
 }
 
 /// ALONG, short runs: Op over rows [o0, o1) of channels [c0, c1), each row's channels as one
-/// run, in `parts` parts side by side, and after_row() after each row. `table` has room for
-/// chunk_table_size.
-template <class Op, bool kStream, class T, class AfterRow>
+/// run, in `parts` parts side by side. `table` has room for chunk_table_size.
+template <class Op, bool kStream, class T>
 void apply_chunk(const Geometry& g, const Streams<T, Op::kInputs>& s, const T* coef, T* table,
-                 Index c0, Index c1, Index o0, Index o1, int parts, AfterRow after_row) {
+                 Index c0, Index c1, Index o0, Index o1, int parts) {
   const auto k = layout_row_coefs(Op::kCoefs, g.channels, c0, c1, g.inner, coef, table);
   split_in(parts, o0, o1 - o0, [&](const Index* starts, Index rows, auto tag) {
     constexpr int K = decltype(tag)::value;
@@ -869,7 +883,6 @@ void apply_chunk(const Geometry& g, const Streams<T, Op::kInputs>& s, const T* c
       Index off[K];
       for (int j = 0; j < K; ++j) off[j] = ((starts[j] + o) * g.channels + c0) * g.inner;
       apply_runs<Op, kStream, K>(s, off, (c1 - c0) * g.inner, k);
-      for (int j = 0; j < K; ++j) after_row();
     }
   });
 }
@@ -915,7 +928,7 @@ void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>
       T* table = ws.row_coefs.data() + w * slot;
       for (Index q = by_chunks ? i0 : 0; q < (by_chunks ? i1 : groups); ++q)
         apply_chunk<Op, kStream>(g, s, coef, table, q * group, std::min(g.channels, (q + 1) * group),
-                                 by_chunks ? 0 : i0, by_chunks ? g.outer : i1, parts, [] {});
+                                 by_chunks ? 0 : i0, by_chunks ? g.outer : i1, parts);
       if constexpr (kStream) stream_fence();
     });
   } else if (g.outer >= workers(device)) {
