@@ -660,6 +660,46 @@ struct RunCoefs {
   }
 };
 
+/// ALONG coefficients for runs of whole rows of channels-first data (a run may span several
+/// rows), with inner >= kLanes: a packet then holds the values of at most two channels, and takes
+/// its coefficients from their broadcasts, blended where the channels meet. Unlike RowCoefs,
+/// this needs no table of every position's coefficients, so a run can span any number of
+/// channels and the pass walks memory in order.
+template <class T, int kCoefs>
+struct BlendCoefs {
+  using P = Packet<T>;
+  const T* coef;
+  Index channels, inner;
+  Index c = 0;     // channel of the current element
+  Index left = 0;  // values of channel c from the current element on
+  P lane = ei::plset<P>(T(0));  // 0, 1, 2, ...
+  P now[kCoefs], then[kCoefs];  // channel c's, and the next channel's (0 after the last)
+
+  BlendCoefs(const T* coef_, Index channels_, Index inner_)
+      : coef(coef_), channels(channels_), inner(inner_), left(inner_) {
+    assert(inner >= kLanes<T>);
+    load(now, 0);
+    load(then, 1 % channels);
+  }
+  void load(P* to, Index channel) {
+    for (int j = 0; j < kCoefs; ++j) to[j] = ei::pset1<P>(coef[j * channels + channel]);
+  }
+  /// Coefficient j of the packet t packets on, for t < span().
+  P packet(int j, Index) const {
+    if (left >= kLanes<T>) return now[j];
+    return ei::pselect(ei::pcmp_lt(lane, ei::pset1<P>(T(left))), now[j], then[j]);
+  }
+  /// Whole packets left in channel c, or 1 for the packet across its end.
+  Index span() const { return left >= kLanes<T> ? left / kLanes<T> : 1; }
+  void next(Index n) {
+    for (left -= n; left <= 0; left += inner) {
+      c = c + 1 == channels ? 0 : c + 1;
+      for (int j = 0; j < kCoefs; ++j) now[j] = then[j];
+      load(then, c + 1 == channels ? 0 : c + 1);
+    }
+  }
+};
+
 /// Coefficients that change along the run. A row holds `width` positions; ACROSS, a row is the
 /// C channels and a run spans whole rows; ALONG with short runs, a row is a group of channels,
 /// each repeated `inner` times, and a run is one such row of the tensor. Coefficient j of
@@ -918,6 +958,18 @@ void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>
     } else {
       parallel_ranges(device, g.outer, apply_rows);
     }
+  } else if (g.inner < kShortRun && g.inner >= kLanes<T>) {
+    // Each worker's rows as one run (in `parts` parts), in memory order.
+    parallel_ranges(device, g.outer, [&](Index r0, Index r1) {
+      split_in(parts, r0, r1 - r0, [&](const Index* starts, Index rows, auto tag) {
+        constexpr int K = decltype(tag)::value;
+        Index off[K];
+        for (int j = 0; j < K; ++j) off[j] = starts[j] * g.channels * g.inner;
+        apply_runs<Op, kStream, K>(s, off, rows * g.channels * g.inner,
+                                   BlendCoefs<T, Op::kCoefs>(coef, g.channels, g.inner));
+      });
+      if constexpr (kStream) stream_fence();
+    });
   } else if (g.inner < kShortRun) {
     const Index group = chunk_channels<Op, T>(g), groups = (g.channels + group - 1) / group;
     const Index slot = worker_slot<T>(chunk_table_size<T>(g, group, Op::kCoefs));
