@@ -936,39 +936,34 @@ void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>
                const Eigen::ThreadPoolDevice* device) {
   const T* coef = ws.coefs.data();
   const int parts = apply_parts(g, Op::kInputs + 1, sizeof(T));
+  const Index width = g.channels * g.inner;  // of a row
+  // Rows [r0, r1) in `parts` parts, each one run with coefficients k from its start.
+  auto apply_rows = [&](Index r0, Index r1, const auto& k) {
+    split_in(parts, r0, r1 - r0, [&](const Index* starts, Index rows, auto tag) {
+      constexpr int K = decltype(tag)::value;
+      Index off[K];
+      for (int j = 0; j < K; ++j) off[j] = starts[j] * width;
+      apply_runs<Op, kStream, K>(s, off, rows * width, k);
+    });
+    if constexpr (kStream) stream_fence();
+  };
   if (g.across()) {
     ws.row_coefs.resize(std::size_t(Op::kCoefs * RowCoefs<T>::stride_for(g.channels)));
     const auto k = layout_row_coefs(Op::kCoefs, g.channels, 0, g.channels, 1, coef,
                                     ws.row_coefs.data());
-    auto apply_rows = [&](Index r0, Index r1) {  // in `parts` parts, each one run
-      split_in(parts, r0, r1 - r0, [&](const Index* starts, Index part, auto tag) {
-        constexpr int K = decltype(tag)::value;
-        Index off[K];
-        for (int j = 0; j < K; ++j) off[j] = starts[j] * g.channels;
-        apply_runs<Op, kStream, K>(s, off, part * g.channels, k);
-      });
-      if constexpr (kStream) stream_fence();
-    };
     const Blocking bl(g);
     if (whole_blocks(g, bl, device, sizeof(T))) {
       parallel_ranges(device, bl.blocks, [&](Index b0, Index b1) {
         for (Index b = b1; b-- > b0;)
-          apply_rows(b * bl.rows, std::min(g.outer, (b + 1) * bl.rows));
+          apply_rows(b * bl.rows, std::min(g.outer, (b + 1) * bl.rows), k);
       });
     } else {
-      parallel_ranges(device, g.outer, apply_rows);
+      parallel_ranges(device, g.outer, [&](Index r0, Index r1) { apply_rows(r0, r1, k); });
     }
   } else if (g.inner < kShortRun && g.inner >= kLanes<T>) {
-    // Each worker's rows as one run (in `parts` parts), in memory order.
+    // Each worker's rows in memory order, as one run (in `parts` parts).
     parallel_ranges(device, g.outer, [&](Index r0, Index r1) {
-      split_in(parts, r0, r1 - r0, [&](const Index* starts, Index rows, auto tag) {
-        constexpr int K = decltype(tag)::value;
-        Index off[K];
-        for (int j = 0; j < K; ++j) off[j] = starts[j] * g.channels * g.inner;
-        apply_runs<Op, kStream, K>(s, off, rows * g.channels * g.inner,
-                                   BlendCoefs<T, Op::kCoefs>(coef, g.channels, g.inner));
-      });
-      if constexpr (kStream) stream_fence();
+      apply_rows(r0, r1, BlendCoefs<T, Op::kCoefs>(coef, g.channels, g.inner));
     });
   } else if (g.inner < kShortRun) {
     const Index group = chunk_channels<Op, T>(g), groups = (g.channels + group - 1) / group;
