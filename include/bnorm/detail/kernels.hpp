@@ -32,8 +32,9 @@
 namespace bnorm::detail {
 
 /// ALONG runs shorter than this are handled a row of channels at a time, as the rows of ACROSS
-/// data are: reduced position by position (see sweep_across) and applied with RowCoefs. A run per
-/// channel would spend much of its time on its ends, and could not stream its stores.
+/// data are: reduced position by position (see sweep_across) and applied in memory order (see
+/// BlendCoefs; RowCoefs for runs shorter than a packet). A run per channel would spend much of
+/// its time on its ends, and could not stream its stores.
 inline constexpr Index kShortRun = 256;
 /// Short ALONG runs are swept a piece of channels at a time, about this many positions wide: the
 /// accumulators the sweep reads and writes with every row (five values of T per position, 20 KiB
@@ -126,7 +127,8 @@ struct Blocking {
     const Index first = (b % pieces) * piece;
     return {row, std::min(rows, g.outer - row), first, std::min(piece, g.inner - first)};
   }
-  Index across_rows(const Geometry& g, Index b) const { return std::min(rows, g.outer - b * rows); }
+  /// Swept blocks (ACROSS, short ALONG runs): the rows of block b.
+  Index swept_rows(const Geometry& g, Index b) const { return std::min(rows, g.outer - b * rows); }
 };
 
 /// Scratch memory of the kernels, reused from call to call so that steady-state calls allocate
@@ -1062,7 +1064,7 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
   auto reduce = [&](SweepScratch<T> scratch, Index b, Index c0, Index c1) {
     Partial* out = part + b * C + c0;
     if (swept) {
-      const Index pitch = C * g.inner, rows = std::min(bl.rows, g.outer - b * bl.rows);
+      const Index pitch = C * g.inner, rows = bl.swept_rows(g, b);
       const T* in[kReduceInputs];
       for (int k = 0; k < kReduceInputs; ++k)
         in[k] = reduce_in[k] + b * bl.rows * pitch + c0 * g.inner;
