@@ -24,7 +24,8 @@ std::vector<Shape> shapes() {
       {300, 1030, 1, kLast},  {2000, 3, 1, kLast},   {9, 17, 13, kLast},   {2, 1, 3, kFirst},
       // Short runs swept position by position: several blocks of rows per channel, the last
       // one cut short, in one piece of channels or in several (the last one narrower). Long
-      // runs cut into pieces, on the fused path, one channel per group.
+      // runs cut into pieces, on the fused path: where BNORM_GROUP_BYTES is set small, in
+      // groups of two channels (one for backward), the last one narrower.
       {300, 37, 17, kFirst},  {150, 70, 15, kFirst}, {2, 9, 33000, kFirst},
       // Long runs of a multiple of every packet size: a row's channels applied as one run.
       {3, 5, 272, kFirst},
