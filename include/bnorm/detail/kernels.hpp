@@ -670,35 +670,41 @@ struct RunCoefs {
 template <class T, int kCoefs>
 struct BlendCoefs {
   using P = Packet<T>;
+  static constexpr Index L = kLanes<T>;
   const T* coef;
   Index channels, inner;
   Index c = 0;     // channel of the current element
   Index left = 0;  // values of channel c from the current element on
   P lane = ei::plset<P>(T(0));  // 0, 1, 2, ...
   P now[kCoefs], then[kCoefs];  // channel c's, and the next channel's (0 after the last)
+  P last[kCoefs];  // of the last packet that starts in channel c: now and then blended
 
   BlendCoefs(const T* coef_, Index channels_, Index inner_)
       : coef(coef_), channels(channels_), inner(inner_), left(inner_) {
-    assert(inner >= kLanes<T>);
+    assert(inner >= L);
     load(now, 0);
     load(then, 1 % channels);
+    blend();
   }
   void load(P* to, Index channel) {
     for (int j = 0; j < kCoefs; ++j) to[j] = ei::pset1<P>(coef[j * channels + channel]);
   }
-  /// Coefficient j of the packet t packets on, for t < span().
-  P packet(int j, Index) const {
-    if (left >= kLanes<T>) return now[j];
-    return ei::pselect(ei::pcmp_lt(lane, ei::pset1<P>(T(left))), now[j], then[j]);
+  void blend() {
+    const P mine = ei::pcmp_lt(lane, ei::pset1<P>(T((left - 1) % L + 1)));
+    for (int j = 0; j < kCoefs; ++j) last[j] = ei::pselect(mine, now[j], then[j]);
   }
-  /// Whole packets left in channel c, or 1 for the packet across its end.
-  Index span() const { return left >= kLanes<T> ? left / kLanes<T> : 1; }
+  /// Coefficient j of the packet t packets on, for t < span().
+  P packet(int j, Index t) const { return t + 1 < span() ? now[j] : last[j]; }
+  /// Packets that start in channel c, the last one perhaps across its end. Once per channel
+  /// rather than once per packet across an end, the bookkeeping cost 7 x 7 images less.
+  Index span() const { return (left + L - 1) / L; }
   void next(Index n) {
     for (left -= n; left <= 0; left += inner) {
       c = c + 1 == channels ? 0 : c + 1;
       for (int j = 0; j < kCoefs; ++j) now[j] = then[j];
       load(then, c + 1 == channels ? 0 : c + 1);
     }
+    blend();
   }
 };
 
