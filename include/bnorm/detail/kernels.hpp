@@ -498,7 +498,7 @@ void sweep_across(const T* const* in, Index pitch, Index C, Index inner, Index r
     const double* a = sums + c * inner;
     const double* b = sums + stride + c * inner;
     out[c] = inner == 1 ? Partial{count, *a, *b} : Partial{count, sum_of(a, inner), sum_of(b, inner)};
-    finite &= std::isfinite(out[c].a) & std::isfinite(out[c].b);
+    finite = finite && std::isfinite(out[c].a) && std::isfinite(out[c].b);
   }
   if constexpr (!std::is_same_v<T, double>) {
     for (Index c = 0; c < C && !finite; ++c) {
