@@ -1019,8 +1019,8 @@ void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>
 /// applies and the one it reduces meanwhile), and the last-level cache is shared with other
 /// processes: each group may take a quarter of it, split among the workers. Groups this large
 /// give the reduction long runs of memory to read in order (a row's channels lie one after the
-/// other): sized to a 1 MiB L2 instead, backward took 1.2-1.5x as long on 28 x 28 and 56 x 56
-/// images. (BNORM_GROUP_BYTES, where defined, sets the room of a group.)
+/// other): in groups of 512 KiB, walked a channel at a time, backward took 1.2-1.4x as long on
+/// 28 x 28 and 56 x 56 images. (BNORM_GROUP_BYTES, where defined, sets the room of a group.)
 inline Index channels_per_group(const Geometry& g, int inputs, std::size_t element_bytes,
                                 Index workers) {
   const Index bytes = g.per_channel() * inputs * Index(element_bytes);
