@@ -320,12 +320,9 @@ class BatchNorm {
     if (!batch_stats) {
       functional::detail::forward_inference(shape, xp, y.data(), options_.eps, affine,
                                             running_mean_.data(), running_var_.data(), ex,
-                                            saved_input_.data());
-      for (Index c = 0; c < num_features_; ++c) {
+                                            saved_input_.data(), saved_invstd_.data());
+      for (Index c = 0; c < num_features_; ++c)
         saved_mean_[std::size_t(c)] = double(running_mean_(c));
-        saved_invstd_[std::size_t(c)] =
-            Scalar(1.0 / std::sqrt(double(running_var_(c)) + options_.eps));
-      }
     } else {
       functional::Running<Scalar> running;
       const bool update = training_ && options_.track_running_stats;

@@ -6,6 +6,7 @@
 // ChannelsLast is [batch][spatial][channels]. Per-channel arrays have `channels` values.
 // Results are identical bit for bit whatever device (and number of threads) is passed.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
@@ -129,11 +130,10 @@ void forward_training(const Shape& shape, const T* x, T* y, double eps, Affine<T
   const double count = double(n), momentum = running.momentum, unbias = count / (count - 1);
   const Index C = shape.channels;
   auto finish = [&](Index c0, Index nc, const bnorm::detail::Partial* m, T* coef) {
-    double var[bnorm::detail::kFinishBatch], invstd[bnorm::detail::kFinishBatch];
-    for (Index j = 0; j < nc; ++j) {
-      var[j] = m[j].b / count;
-      invstd[j] = 1.0 / std::sqrt(var[j] + eps);
-    }
+    // (var zeroed: GCC cannot tell that inverse_std reads only the nc values written.)
+    double var[bnorm::detail::kFinishBatch] = {}, invstd[bnorm::detail::kFinishBatch];
+    for (Index j = 0; j < nc; ++j) var[j] = m[j].b / count;
+    bnorm::detail::inverse_std(var, nc, eps, invstd);
     for (Index j = 0; j < nc; ++j) {
       const Index c = c0 + j;
       const double scale = (affine.weight ? double(affine.weight[c]) : 1.0) * invstd[j];
@@ -164,9 +164,11 @@ void forward_training(const Shape& shape, const T* x, T* y, double eps, Affine<T
       ex.device);
 }
 
+/// invstd_out: receives 1 / sqrt(var + eps) per channel; may be null.
 template <class T>
 void forward_inference(const Shape& shape, const T* x, T* y, double eps, Affine<T> affine,
-                       const T* mean, const T* var, const Execution<T>& ex, T* copy_of_x) {
+                       const T* mean, const T* var, const Execution<T>& ex, T* copy_of_x,
+                       T* invstd_out) {
   check_shape(shape);
   check_eps(eps);
   if (shape.size() == 0) return;
@@ -178,12 +180,18 @@ void forward_inference(const Shape& shape, const T* x, T* y, double eps, Affine<
   auto& ws = workspace(ex);
   ws.coefs.resize(std::size_t(bnorm::detail::ScaleShiftOp::kCoefs * C));
   T* coef = ws.coefs.data();
-  for (Index c = 0; c < C; ++c) {
-    const double w = affine.weight ? double(affine.weight[c]) : 1.0;
-    const double b = affine.bias ? double(affine.bias[c]) : 0.0;
-    const double scale = w / std::sqrt(double(var[c]) + eps);
-    coef[c] = T(scale);
-    coef[C + c] = T(b - double(mean[c]) * scale);
+  for (Index c0 = 0; c0 < C; c0 += bnorm::detail::kFinishBatch) {
+    const Index n = std::min(bnorm::detail::kFinishBatch, C - c0);
+    double invstd[bnorm::detail::kFinishBatch];
+    bnorm::detail::inverse_std(var + c0, n, eps, invstd);
+    for (Index j = 0; j < n; ++j) {
+      const Index c = c0 + j;
+      const double scale = (affine.weight ? double(affine.weight[c]) : 1.0) * invstd[j];
+      coef[c] = T(scale);
+      coef[C + c] = T((affine.bias ? double(affine.bias[c]) : 0.0) - double(mean[c]) * scale);
+    }
+    if (invstd_out)
+      for (Index j = 0; j < n; ++j) invstd_out[c0 + j] = T(invstd[j]);
   }
   bnorm::detail::apply_all<bnorm::detail::ScaleShiftOp>(
       geometry(shape), bnorm::detail::Streams<T, 1>{{x}, y, copy_of_x}, ws, ex.device);
@@ -276,7 +284,7 @@ void forward_training(const Shape& shape, const T* x, T* y, double eps, Affine<T
 template <class T>
 void forward_inference(const Shape& shape, const T* x, T* y, double eps, Affine<T> affine,
                        const T* mean, const T* var, const Execution<T>& ex = {}) {
-  detail::forward_inference<T>(shape, x, y, eps, affine, mean, var, ex, nullptr);
+  detail::forward_inference<T>(shape, x, y, eps, affine, mean, var, ex, nullptr, nullptr);
 }
 
 /// Backward: dx from dy, and the parameter gradients (OVERWRITTEN, each may be null):

@@ -1036,6 +1036,18 @@ inline Index channels_per_group(const Geometry& g, int inputs, std::size_t eleme
 /// channel after another, took about a quarter of a (256, 512) forward.
 inline constexpr Index kFinishBatch = 64;
 
+/// invstd[j] = 1 / sqrt(var[j] + eps) for j < n, var in T or double, in packets of doubles: a
+/// loop of std::sqrt does not vectorize where sqrt may set errno (GCC's default), and one channel
+/// at a time took 12% of a (256, 512) forward. Bit for bit what the scalar expression gives.
+template <class V>
+void inverse_std(const V* var, Index n, double eps, double* invstd) {
+  const Wide one = ei::pset1<Wide>(1.0), shift = ei::pset1<Wide>(eps);
+  Index j = 0;
+  for (; j + kWideLanes <= n; j += kWideLanes)
+    ei::pstoreu(invstd + j, ei::pdiv(one, sqrt_exact(ei::padd(load_wide(var + j), shift))));
+  for (; j < n; ++j) invstd[j] = 1.0 / std::sqrt(double(var[j]) + eps);
+}
+
 /// A reduction: what is summed per block (Step, or moments when Step is void), how blocks merge,
 /// and `finish(c, n, total, coef)`, which turns the totals of channels [c, c + n) (n at most
 /// kFinishBatch) into their coefficients.

@@ -12,6 +12,7 @@
 // about. Nothing here forces an instruction set: a consumer who compiles with -march=native gets
 // the wide vectors, everyone else gets SSE2 (x86-64's baseline) or NEON.
 
+#include <cmath>
 #include <cstddef>
 #include <type_traits>
 #include <utility>
@@ -118,6 +119,25 @@ inline Wide load_wide_first(const T* p, Index n, double fill) {
     return ei::pload<Wide>(buffer);
 #endif
   }
+}
+
+/// The square root of each lane, correctly rounded as std::sqrt's is. (Eigen's psqrt may
+/// approximate it: with EIGEN_FAST_MATH, its default, AVX-512 doubles go through rsqrt14.)
+inline Wide sqrt_exact(const Wide& v) {
+#if defined(EIGEN_VECTORIZE_AVX512)
+  return _mm512_sqrt_pd(v);
+#elif defined(EIGEN_VECTORIZE_AVX)
+  return _mm256_sqrt_pd(v);
+#elif defined(EIGEN_VECTORIZE_SSE2)
+  return _mm_sqrt_pd(v);
+#elif defined(EIGEN_VECTORIZE_NEON) && EIGEN_ARCH_ARM64
+  return vsqrtq_f64(v);
+#else
+  double lanes[kWideLanes];
+  ei::pstoreu(lanes, v);
+  for (Index i = 0; i < kWideLanes; ++i) lanes[i] = std::sqrt(lanes[i]);
+  return ei::ploadu<Wide>(lanes);
+#endif
 }
 
 /// Stores a packet at an address aligned to the packet's size, bypassing the caches where the
