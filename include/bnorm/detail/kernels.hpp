@@ -750,10 +750,10 @@ RowCoefs<T> layout_row_coefs(int coefs, Index C, Index c0, Index c1, Index inner
   return {ext, stride, width};
 }
 
-/// Outputs at least this large (or BNORM_STREAM_BYTES, where that is defined) are written with
-/// non-temporal stores: they would not stay in cache anyway, and streaming them skips the
-/// read-for-ownership of every output line, which is what lets a memcpy move only two streams of
-/// data where a plain loop moves three.
+/// Outputs at least this large (or BNORM_STREAM_BYTES, where that is defined) may be written with
+/// non-temporal stores (see streams_output): they would not stay in cache anyway, and streaming
+/// them skips the read-for-ownership of every output line, which is what lets a memcpy move only
+/// two streams of data where a plain loop moves three.
 #ifdef BNORM_STREAM_BYTES
 inline constexpr Index kStreamBytes = BNORM_STREAM_BYTES;
 #else
@@ -999,15 +999,29 @@ void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>
   }
 }
 
-/// Whether the elementwise pass streams its output: only outputs too large to stay in cache.
-inline bool streams_output(const Geometry& g, std::size_t element_bytes) {
-  return g.size() * Index(element_bytes) >= kStreamBytes;
+/// Whether the elementwise pass of s streams its output. One thread does so from kStreamBytes
+/// on. Several threads do so only where the pass's tensors do not fit in the last-level cache
+/// together: the cache's bandwidth grows with the threads, memory's much less. (On the AMD EPYC
+/// VM, 2 threads over tensors of 12.8 MB streamed an inference at 1.7-1.9x a 2-thread memcpy,
+/// 1.1x not streamed; one thread at 1.0x streamed, 1.0-1.2x not.) BNORM_STREAM_BYTES, where
+/// defined, makes the size alone decide, whatever the threads.
+template <class T, int kInputs>
+bool streams_output(const Geometry& g, [[maybe_unused]] const Streams<T, kInputs>& s,
+                    [[maybe_unused]] const Eigen::ThreadPoolDevice* device) {
+  const Index bytes = g.size() * Index(sizeof(T));
+#ifdef BNORM_STREAM_BYTES
+  const bool by_threads = true;
+#else
+  const int tensors = kInputs + 1 + (s.copy ? 1 : 0);
+  const bool by_threads = workers(device) == 1 || bytes * tensors > last_level_cache_bytes();
+#endif
+  return bytes >= kStreamBytes && by_threads;
 }
 
 template <class Op, class T>
 void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>& ws,
                const Eigen::ThreadPoolDevice* device) {
-  if (streams_output(g, sizeof(T))) apply_all<Op, true>(g, s, ws, device);
+  if (streams_output(g, s, device)) apply_all<Op, true>(g, s, ws, device);
   else apply_all<Op, false>(g, s, ws, device);
 }
 
@@ -1159,7 +1173,7 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
         if constexpr (kStream) stream_fence();
       });
     };
-    if (streams_output(g, sizeof(T))) run(std::true_type{});
+    if (streams_output(g, s, device)) run(std::true_type{});
     else run(std::false_type{});
     return;
   }
