@@ -1,10 +1,11 @@
 // Batch normalization kernels side by side, in one run: bnorm, a memcpy of the same bytes (the
-// roofline), a naive Eigen Tensor expression (what one writes by hand) and oneDNN's batch
+// roofline), a read of them alone (what each extra pass over the tensor costs at the least), a
+// naive Eigen Tensor expression (what one writes by hand) and oneDNN's batch
 // normalization when it was found at configure time (BNORM_HAVE_DNNL).
 //
 // Names: <impl>/<pass>/<layout>/<shape>/t<threads>, pass in fwd_train, fwd_infer, bwd.
 // Rates are bytes moved per second: forward reads x and writes y (2 tensors), backward reads x
-// and dy and writes dx (3 tensors), memcpy reads and writes one. benchmarks/compare.py turns a
+// and dy and writes dx (3 tensors), memcpy reads and writes one, memread reads one. benchmarks/compare.py turns a
 // run into a table of ratios.
 
 #include <benchmark/benchmark.h>
@@ -157,6 +158,33 @@ void memcpy_bench(benchmark::State& state, const Case& c, int threads) {
   report(state, c, 2);
 }
 
+/// A sum of the tensor's values: the time one pass of reading it takes (Eigen vectorizes it).
+void memread_bench(benchmark::State& state, const Case& c, int threads) {
+  Data d(c);
+  const Index n = Index(d.x.size()), half = n / 2;
+  auto sum = [&](Index begin, Index end) {
+    return Eigen::Map<const Eigen::ArrayXf>(d.x.data() + begin, end - begin).sum();
+  };
+  for (auto _ : state) {
+    float total;
+    if (threads == 1) {
+      total = sum(0, n);
+    } else {
+      Eigen::Barrier done(1);
+      float other = 0;
+      device(threads)->enqueueNoNotification([&] {
+        other = sum(half, n);
+        done.Notify();
+      });
+      total = sum(0, half);
+      done.Wait();
+      total += other;
+    }
+    benchmark::DoNotOptimize(total);
+  }
+  report(state, c, 1);
+}
+
 /// What a user writes by hand with Eigen Tensor expressions (training forward, 1 thread).
 template <int Rank>
 void naive_eigen(benchmark::State& state, const Case& c, bnorm::Layout layout) {
@@ -262,6 +290,7 @@ void register_all() {
     for (int t : {1, 2}) {
       const std::string threads = "/t" + std::to_string(t);
       benchmark::RegisterBenchmark(("memcpy/copy/-/" + shape + threads).c_str(), memcpy_bench, c, t);
+      benchmark::RegisterBenchmark(("memread/read/-/" + shape + threads).c_str(), memread_bench, c, t);
       for (auto layout : {bnorm::Layout::ChannelsFirst, bnorm::Layout::ChannelsLast}) {
         const std::string lname = layout == bnorm::Layout::ChannelsFirst ? "NCHW" : "NHWC";
         for (const char* pass : passes)
