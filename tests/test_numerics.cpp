@@ -2,6 +2,7 @@
 // float maximum. The statistics stay within a few ulps of a higher-precision reference where a
 // textbook one-pass sum of squares loses everything.
 
+#include <cstring>
 #include <tuple>
 
 #include "util.hpp"
@@ -186,5 +187,30 @@ TEMPLATE_TEST_CASE("subnormal inputs and a single huge outlier", "[numerics]", f
     for (std::size_t i = 0; i < y.size(); ++i) REQUIRE(std::isfinite(y[i]));
     const T big = y[std::size_t(sh.at(3, 1, 5))];
     CHECK(double(big) == Approx(std::sqrt(double(sh.per_channel()) - 1)).epsilon(1e-4));
+  }
+}
+
+TEMPLATE_TEST_CASE("1 / sqrt(var + eps) in packets is the scalar expression, bit for bit",
+                   "[numerics]", float, double) {
+  // Every count up to past two batches (whole packets and every tail), variances from subnormal
+  // to huge, zero with eps = 0 (infinity), on this program's vector width.
+  using T = TestType;
+  const Index most = 2 * bnorm::detail::kFinishBatch + 3;
+  std::uniform_real_distribution<double> exponent(-40, 30);
+  std::vector<T> var(static_cast<std::size_t>(most));
+  for (auto& v : var) v = T(std::pow(10.0, exponent(testing::rng())));
+  var[1] = std::numeric_limits<T>::denorm_min();
+  var[2] = T(0);
+  for (double eps : {1e-5, 0.0}) {
+    for (Index n = 0; n <= most; ++n) {
+      std::vector<double> out = testing::poisoned<double>(n + 1);
+      bnorm::detail::inverse_std(var.data(), n, eps, out.data());
+      for (Index j = 0; j < n; ++j) {
+        const double want = 1.0 / std::sqrt(double(var[std::size_t(j)]) + eps);
+        INFO("n = " << n << ", j = " << j << ", var = " << var[std::size_t(j)] << ", eps = " << eps);
+        REQUIRE(std::memcmp(&out[std::size_t(j)], &want, sizeof want) == 0);
+      }
+      REQUIRE(std::isnan(out[std::size_t(n)]));  // nothing written past n (still poison)
+    }
   }
 }
