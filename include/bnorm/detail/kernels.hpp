@@ -1003,8 +1003,8 @@ void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>
 /// on. Several threads do so only where the pass's tensors do not fit in the last-level cache
 /// together: the cache's bandwidth grows with the threads, memory's much less. (On the AMD EPYC
 /// VM, 2 threads over tensors of 12.8 MB streamed an inference at 1.7-1.9x a 2-thread memcpy,
-/// 1.1x not streamed; one thread at 1.0x streamed, 1.0-1.2x not.) BNORM_STREAM_BYTES, where
-/// defined, makes the size alone decide, whatever the threads.
+/// 1.1-1.3x not streamed; one thread at 1.0-1.1x streamed, 1.0-1.5x not.) BNORM_STREAM_BYTES,
+/// where defined, makes the size alone decide, whatever the threads.
 template <class T, int kInputs>
 bool streams_output(const Geometry& g, [[maybe_unused]] const Streams<T, kInputs>& s,
                     [[maybe_unused]] const Eigen::ThreadPoolDevice* device) {
