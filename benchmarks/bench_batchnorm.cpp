@@ -137,22 +137,29 @@ void bnorm_bench(benchmark::State& state, const Case& c, bnorm::Layout layout,
   report(state, c, pass == "bwd" ? 3 : 2);
 }
 
+/// fn(begin, end) over [0, n): whole on the calling thread, or in halves, the second half on
+/// the pool's thread (the roofline benchmarks split their bytes as bnorm's workers do).
+template <class Fn>
+void in_halves(int threads, Index n, const Fn& fn) {
+  if (threads == 1) {
+    fn(Index{0}, n);
+    return;
+  }
+  Eigen::Barrier done(1);
+  device(threads)->enqueueNoNotification([&] {
+    fn(n / 2, n);
+    done.Notify();
+  });
+  fn(Index{0}, n / 2);
+  done.Wait();
+}
+
 void memcpy_bench(benchmark::State& state, const Case& c, int threads) {
   Data d(c);
-  const std::size_t bytes = d.x.size() * sizeof(float);
   for (auto _ : state) {
-    if (threads == 1) {
-      std::memcpy(d.y.data(), d.x.data(), bytes);
-    } else {
-      Eigen::Barrier done(1);
-      const std::size_t half = d.x.size() / 2;
-      device(threads)->enqueueNoNotification([&] {
-        std::memcpy(d.y.data() + half, d.x.data() + half, (d.x.size() - half) * sizeof(float));
-        done.Notify();
-      });
-      std::memcpy(d.y.data(), d.x.data(), half * sizeof(float));
-      done.Wait();
-    }
+    in_halves(threads, Index(d.x.size()), [&](Index begin, Index end) {
+      std::memcpy(d.y.data() + begin, d.x.data() + begin, std::size_t(end - begin) * sizeof(float));
+    });
     benchmark::ClobberMemory();
   }
   report(state, c, 2);
@@ -161,26 +168,13 @@ void memcpy_bench(benchmark::State& state, const Case& c, int threads) {
 /// A sum of the tensor's values: the time one pass of reading it takes (Eigen vectorizes it).
 void memread_bench(benchmark::State& state, const Case& c, int threads) {
   Data d(c);
-  const Index n = Index(d.x.size()), half = n / 2;
-  auto sum = [&](Index begin, Index end) {
-    return Eigen::Map<const Eigen::ArrayXf>(d.x.data() + begin, end - begin).sum();
-  };
   for (auto _ : state) {
-    float total;
-    if (threads == 1) {
-      total = sum(0, n);
-    } else {
-      Eigen::Barrier done(1);
-      float other = 0;
-      device(threads)->enqueueNoNotification([&] {
-        other = sum(half, n);
-        done.Notify();
-      });
-      total = sum(0, half);
-      done.Wait();
-      total += other;
-    }
-    benchmark::DoNotOptimize(total);
+    float sums[2] = {0, 0};  // of each half
+    in_halves(threads, Index(d.x.size()), [&](Index begin, Index end) {
+      sums[begin == 0 ? 0 : 1] =
+          Eigen::Map<const Eigen::ArrayXf>(d.x.data() + begin, end - begin).sum();
+    });
+    benchmark::DoNotOptimize(sums);
   }
   report(state, c, 1);
 }
