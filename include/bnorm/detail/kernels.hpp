@@ -32,8 +32,9 @@
 namespace bnorm::detail {
 
 /// ALONG runs shorter than this are handled a row of channels at a time, as the rows of ACROSS
-/// data are: reduced position by position (see sweep_across) and applied in memory order (see
-/// BlendCoefs; RowCoefs for runs shorter than a packet). A run per channel would spend much of
+/// data are: reduced in memory order (see in_row_order; position by position, see sweep_across,
+/// where that cannot be) and applied in memory order (see BlendCoefs; RowCoefs for runs shorter
+/// than a packet). A run per channel would spend much of
 /// its time on its ends, and could not stream its stores.
 inline constexpr Index kShortRun = 256;
 /// Short ALONG runs are swept a piece of channels at a time, about this many positions wide: the
@@ -573,6 +574,129 @@ void moments_across(const T* x, Index pitch, Index C, Index inner, Index rows,
     out[c] = centered_to_moments(out[c], double(shift[c * inner]), inverse);
 }
 
+/// Short ALONG runs of at least a packet, few enough that a run adds at most kTermsInT values to
+/// each lane, are reduced in memory order instead of swept: row after row and, within a row,
+/// channel after channel, each channel's run into packets of its own. The sweep keeps a table of
+/// accumulators per position, which goes through L1 with every row; this keeps two packets per
+/// channel. (Models of the two read 14 x 14 images at 1.6x and 1.1x the time of a plain read of
+/// the same bytes; on 32 x 1024 x 14 x 14, forward training went from 2.1x to 1.2x a memcpy.)
+template <class T>
+bool in_row_order(const Geometry& g) {
+  return !g.across() && g.inner < kShortRun && g.inner >= kLanes<T> &&
+         (g.inner + kLanes<T> - 1) / kLanes<T> <= kTermsInT;
+}
+
+/// Values of T a worker needs for row_sums over C channels: two packets of sums per channel, and
+/// each channel's center.
+template <class T>
+Index row_sums_size(Index C) {
+  return (2 * kLanes<T> + 1) * C;
+}
+
+/// Step's sums over a block of `rows` rows (`pitch` values apart) for C channels of `inner`
+/// positions, channel c centered on near[c] (at room + 2 * kLanes<T> * C), into out[c]. Two rows
+/// go side by side, each into sums of its own. A channel's sums in T add up `flush` rows, at most
+/// kTermsInT values per lane, before they are added up in double. A channel whose sums are not
+/// finite is summed again in double on its own.
+template <class Step, class T>
+void row_sums(const T* const* in, Index pitch, Index C, Index inner, Index rows, T* room,
+              Partial* out) {
+  using P = Packet<T>;
+  constexpr Index L = kLanes<T>;
+  const T* near = room + 2 * L * C;
+  const Index whole = inner / L, cut = inner % L;
+  const Index flush = std::max<Index>(1, kTermsInT / ((inner + L - 1) / L));
+  for (Index c = 0; c < C; ++c) out[c] = {double(rows * inner), 0, 0};
+  // Rows [r, r + R) into the sums at room; `fresh` when they are the flush's first.
+  auto add_rows = [&](Index r, auto count, bool fresh) {
+    constexpr int R = decltype(count)::value;
+    for (Index c = 0; c < C; ++c) {
+      T* sums = room + 2 * L * c;
+      const P k = ei::pset1<P>(near[c]);
+      P a[R], b[R];
+      a[0] = fresh ? ei::pset1<P>(T(0)) : ei::ploadu<P>(sums);
+      b[0] = fresh ? ei::pset1<P>(T(0)) : ei::ploadu<P>(sums + L);
+      for (int j = 1; j < R; ++j) a[j] = b[j] = ei::pset1<P>(T(0));
+      for (Index t = 0; t < whole; ++t) {
+        unroll<R>([&](int j) {
+          P v[Step::kInputs];
+          const Index at = (r + j) * pitch + c * inner + t * L;
+          unroll<Step::kInputs>([&](int i) { v[i] = ei::ploadu<P>(in[i] + at); });
+          Step::add(v, k, a[j], b[j]);
+        });
+      }
+      if (cut > 0) {
+        unroll<R>([&](int j) {
+          P v[Step::kInputs];
+          const Index at = (r + j) * pitch + c * inner + whole * L;
+          unroll<Step::kInputs>([&](int i) {
+            v[i] = load_first(in[i] + at, cut, T(Step::fill(i, double(near[c]))));
+          });
+          Step::add(v, k, a[j], b[j]);
+        });
+      }
+      for (int j = 1; j < R; ++j) {
+        a[0] = ei::padd(a[0], a[j]);
+        b[0] = ei::padd(b[0], b[j]);
+      }
+      ei::pstoreu(sums, a[0]);
+      ei::pstoreu(sums + L, b[0]);
+    }
+  };
+  for (Index r0 = 0; r0 < rows; r0 += flush) {
+    const Index r1 = std::min(rows, r0 + flush);
+    Index r = r0;
+    for (; r + 2 <= r1; r += 2) add_rows(r, std::integral_constant<int, 2>{}, r == r0);
+    if (r < r1) add_rows(r, std::integral_constant<int, 1>{}, r == r0);
+    for (Index c = 0; c < C; ++c) {
+      out[c].a += RunSums<T>::wide_sum(ei::ploadu<P>(room + 2 * L * c));
+      out[c].b += RunSums<T>::wide_sum(ei::ploadu<P>(room + 2 * L * c + L));
+    }
+  }
+  if constexpr (!std::is_same_v<T, double>) {
+    for (Index c = 0; c < C; ++c) {
+      if (std::isfinite(out[c].a) && std::isfinite(out[c].b)) continue;
+      double a = 0, b = 0, v[Step::kInputs];
+      for (Index r = 0; r < rows; ++r) {
+        for (Index p = 0; p < inner; ++p) {
+          for (int i = 0; i < Step::kInputs; ++i) v[i] = double(in[i][r * pitch + c * inner + p]);
+          Step::add(v, double(near[c]), a, b);
+        }
+      }
+      out[c] = {double(rows * inner), a, b};
+    }
+  }
+}
+
+/// Step's sums over a block of rows in row order, centered on center[c] (see row_sums).
+template <class Step, class T>
+void step_sums_in_rows(const T* const* in, Index pitch, Index C, Index inner, Index rows,
+                       const double* center, T* room, Partial* out) {
+  T* near = room + 2 * kLanes<T> * C;  // the centers rounded to T: subtractions near them are exact
+  for (Index c = 0; c < C; ++c) near[c] = T(center[c]);
+  row_sums<Step>(in, pitch, C, inner, rows, room, out);
+  for (Index c = 0; c < C; ++c) out[c] = Step::recenter(out[c], double(near[c]), center[c]);
+}
+
+/// Moments over a block of rows in row order, in one pass: a channel's shift is the mean of its
+/// first kShiftValues / 4 values (or all of its first row's, if fewer), see shift_of.
+template <class T>
+void moments_in_rows(const T* x, Index pitch, Index C, Index inner, Index rows, T* room,
+                     Partial* out) {
+  T* shift = room + 2 * kLanes<T> * C;
+  const Index k = std::min(inner, kShiftValues / 4);
+  for (Index c = 0; c < C; ++c) {
+    const T* first = x + c * inner;
+    T sum = 0;
+    for (Index i = 0; i < k; ++i) sum += first[i];
+    shift[c] = sum / T(k);
+    if (!std::isfinite(shift[c])) shift[c] = std::isfinite(first[0]) ? first[0] : T(0);
+  }
+  row_sums<CenteredSums>(&x, pitch, C, inner, rows, room, out);
+  const double inverse = 1.0 / double(rows * inner);
+  for (Index c = 0; c < C; ++c) out[c] = centered_to_moments(out[c], double(shift[c]), inverse);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Step 3: elementwise passes. An Op maps kInputs input packets and kCoefs per-channel
 // coefficient packets to one output packet.
@@ -1070,9 +1194,11 @@ void inverse_std(const V* var, Index n, double eps, double* invstd) {
 /// where there are enough channels for every worker, each worker takes whole channels and does
 /// all three steps on a group of them at a time, so the elementwise pass reads the group back
 /// from cache. Otherwise the steps run one after the other, each split over all workers: short
-/// runs are swept row by row, which a group's interleaved passes would cut into pieces too small
-/// to sweep (1.2-1.4x slower on 7 x 7 images). Either way, every block is reduced by the same
-/// code and merged in the same order: the results do not depend on the split.
+/// runs are read a whole row at a time, which groups would cut into short pieces (1.2-1.4x
+/// slower on 7 x 7 images; on the AMD EPYC VM, groups small enough for L2 were slower still on
+/// 7 x 7 and 14 x 14 images, whose elementwise pass waits on its stores, not on its loads).
+/// Either way, every block is reduced by the same code and merged in the same order: the results
+/// do not depend on the split.
 template <class Op, class Step, class T, class Merge, class Finish>
 void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const double* centers,
                        Merge merge, Finish finish, const Streams<T, Op::kInputs>& s,
@@ -1089,6 +1215,7 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
   ws.partials.resize(std::size_t(C * bl.blocks));
   Partial* part = ws.partials.data();  // block b's of channel c at part[b * C + c]
   const bool swept = g.inner < kShortRun;  // ACROSS, or ALONG with short runs
+  const bool by_rows = in_row_order<T>(g);   // ALONG with short runs, not swept after all
   const bool by_groups = !swept && (workers(device) == 1 || C >= 4 * workers(device));
 
   // Step 2 for channels [c0, c1): blocks merged into block 0's partials, in block order.
@@ -1101,18 +1228,9 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
       finish(first, n, total, coef);
     }
   };
-  // Step 1 for block b of channels [c0, c1): swept, or run by run (long ALONG runs).
-  auto reduce = [&](SweepScratch<T> scratch, Index b, Index c0, Index c1) {
+  // Step 1 for block b of channels [c0, c1), long ALONG runs: run by run.
+  auto reduce_runs = [&](Index b, Index c0, Index c1) {
     Partial* out = part + b * C + c0;
-    if (swept) {
-      const Index pitch = C * g.inner, rows = bl.swept_rows(g, b);
-      const T* in[kReduceInputs];
-      for (int k = 0; k < kReduceInputs; ++k)
-        in[k] = reduce_in[k] + b * bl.rows * pitch + c0 * g.inner;
-      if constexpr (kMoments) moments_across(in[0], pitch, c1 - c0, g.inner, rows, scratch, out);
-      else step_sums_across<Step>(in, pitch, c1 - c0, g.inner, rows, centers + c0, scratch, out);
-      return;
-    }
     const auto e = bl.along(g, b);
     for (Index c = c0; c < c1; ++c) {
       const Index off = (e.first_row * C + c) * g.inner + e.first;
@@ -1125,10 +1243,28 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
       }
     }
   };
-  // Room for sweeping `width` positions, per worker.
-  auto sweep_room = [&](Index width) {
-    const Index room = worker_slot<T>(sweep_values_size<T>(width)),
-                sums_room = worker_slot<double>(sweep_sums_size<T>(width));
+  // Step 1 for block b of channels [c0, c1): swept, in row order, or run by run.
+  auto reduce = [&](SweepScratch<T> scratch, Index b, Index c0, Index c1) {
+    if (!swept) return reduce_runs(b, c0, c1);
+    Partial* out = part + b * C + c0;
+    const Index pitch = C * g.inner, rows = bl.swept_rows(g, b);
+    const T* in[kReduceInputs];
+    for (int k = 0; k < kReduceInputs; ++k)
+      in[k] = reduce_in[k] + b * bl.rows * pitch + c0 * g.inner;
+    if (by_rows) {
+      if constexpr (kMoments)
+        moments_in_rows(in[0], pitch, c1 - c0, g.inner, rows, scratch.values, out);
+      else
+        step_sums_in_rows<Step>(in, pitch, c1 - c0, g.inner, rows, centers + c0, scratch.values,
+                                out);
+    } else {
+      if constexpr (kMoments) moments_across(in[0], pitch, c1 - c0, g.inner, rows, scratch, out);
+      else step_sums_across<Step>(in, pitch, c1 - c0, g.inner, rows, centers + c0, scratch, out);
+    }
+  };
+  // Room for `values` values of T and `sums` doubles, per worker.
+  auto scratch_room = [&](Index values, Index sums) {
+    const Index room = worker_slot<T>(values), sums_room = worker_slot<double>(sums);
     ws.sweeps.resize(std::size_t(room * workers(device)));
     ws.sweep_sums.resize(std::size_t(sums_room * workers(device)));
     return [&ws, room, sums_room](Index worker) {
@@ -1156,7 +1292,7 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
             const Index gc0 = c0 + q * group, n = std::min(group, c1 - gc0);
             const Index i = reduced - q * group * bl.blocks;  // within the group
             const Index row = i / (n * bl.pieces), c = gc0 + i / bl.pieces % n;
-            reduce(SweepScratch<T>{}, row * bl.pieces + i % bl.pieces, c, c + 1);
+            reduce_runs(row * bl.pieces + i % bl.pieces, c, c + 1);
             if (i + 1 == n * bl.blocks) merge_and_finish(gc0, gc0 + n);
           }
         };
@@ -1183,19 +1319,26 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
     // channel's sums do not depend on which channels are swept with it).
     constexpr Index L = kLanes<T>;
     const bool by_blocks = whole_blocks(g, bl, device, sizeof(T));
-    const auto scratch = sweep_room(C);
+    const auto scratch = scratch_room(sweep_values_size<T>(C), sweep_sums_size<T>(C));
     parallel_workers(device, by_blocks ? bl.blocks : (C + L - 1) / L,
                      [&](Index worker, Index u0, Index u1) {
       const Index c0 = by_blocks ? 0 : u0 * L, c1 = by_blocks ? C : std::min(C, u1 * L);
       for (Index b = by_blocks ? u0 : 0; b < (by_blocks ? u1 : bl.blocks); ++b)
         reduce(scratch(worker), b, c0, c1);
     });
+  } else if (by_rows) {
+    // Each worker walks its channels of every row.
+    const auto scratch = scratch_room(row_sums_size<T>(C), 0);
+    parallel_workers(device, C, [&](Index worker, Index c0, Index c1) {
+      for (Index b = 0; b < bl.blocks; ++b) reduce(scratch(worker), b, c0, c1);
+    });
   } else {
     // ALONG: the blocks of pieces of channels, a piece of short runs as wide as a sweep's
     // accumulators stay in L1 for.
     const Index piece = swept ? std::max<Index>(1, kSweepWidth / g.inner) : 1;
     const Index pieces = (C + piece - 1) / piece;
-    const auto scratch = sweep_room(swept ? std::min(C, piece) * g.inner : 0);
+    const Index width = swept ? std::min(C, piece) * g.inner : 0;
+    const auto scratch = scratch_room(sweep_values_size<T>(width), sweep_sums_size<T>(width));
     parallel_workers(device, pieces * bl.blocks, [&](Index worker, Index i0, Index i1) {
       for (Index i = i0; i < i1; ++i) {
         const Index c0 = i / bl.blocks * piece;
