@@ -586,27 +586,32 @@ bool in_row_order(const Geometry& g) {
          (g.inner + kLanes<T> - 1) / kLanes<T> <= kTermsInT;
 }
 
-/// Values of T a worker needs for row_sums over C channels: two packets of sums per channel, and
-/// each channel's center.
+/// A worker's room for row_sums over C channels: `values`, row_values_size(C) of them, for two
+/// packets of sums per channel and each channel's center, and `sums`, row_sums_size(C), for the
+/// same sums in double.
+template <class T>
+Index row_values_size(Index C) {
+  return (2 * kLanes<T> + 1) * C;
+}
 template <class T>
 Index row_sums_size(Index C) {
-  return (2 * kLanes<T> + 1) * C;
+  return 2 * kLanes<T> * C;
 }
 
 /// Step's sums over a block of `rows` rows (`pitch` values apart) for C channels of `inner`
 /// positions, channel c centered on near[c] (at room + 2 * kLanes<T> * C), into out[c]. Two rows
 /// go side by side, each into sums of its own. A channel's sums in T add up `flush` rows, at most
-/// kTermsInT values per lane, before they are added up in double. A channel whose sums are not
-/// finite is summed again in double on its own.
+/// kTermsInT values per lane, before they are added lane by lane to its sums in double (at
+/// wide), whose lanes are added up at the end. A channel whose sums are not finite is summed
+/// again in double on its own.
 template <class Step, class T>
 void row_sums(const T* const* in, Index pitch, Index C, Index inner, Index rows, T* room,
-              Partial* out) {
+              double* wide, Partial* out) {
   using P = Packet<T>;
   constexpr Index L = kLanes<T>;
   const T* near = room + 2 * L * C;
   const Index whole = inner / L, cut = inner % L;
   const Index flush = std::max<Index>(1, kTermsInT / ((inner + L - 1) / L));
-  for (Index c = 0; c < C; ++c) out[c] = {double(rows * inner), 0, 0};
   // Rows [r, r + R) into the sums at room; `fresh` when they are the flush's first.
   auto add_rows = [&](Index r, auto count, bool fresh) {
     constexpr int R = decltype(count)::value;
@@ -648,11 +653,15 @@ void row_sums(const T* const* in, Index pitch, Index C, Index inner, Index rows,
     Index r = r0;
     for (; r + 2 <= r1; r += 2) add_rows(r, std::integral_constant<int, 2>{}, r == r0);
     if (r < r1) add_rows(r, std::integral_constant<int, 1>{}, r == r0);
-    for (Index c = 0; c < C; ++c) {
-      out[c].a += RunSums<T>::wide_sum(ei::ploadu<P>(room + 2 * L * c));
-      out[c].b += RunSums<T>::wide_sum(ei::ploadu<P>(room + 2 * L * c + L));
+    // Lane by lane into the sums in double: adding up a channel's lanes at every flush took a
+    // third of the instructions.
+    for (Index j = 0; j < 2 * L * C; j += kWideLanes) {
+      const Wide sum = load_wide(room + j);
+      ei::pstoreu(wide + j, r0 == 0 ? sum : ei::padd(ei::ploadu<Wide>(wide + j), sum));
     }
   }
+  for (Index c = 0; c < C; ++c)
+    out[c] = {double(rows * inner), sum_of(wide + 2 * L * c, L), sum_of(wide + 2 * L * c + L, L)};
   if constexpr (!std::is_same_v<T, double>) {
     for (Index c = 0; c < C; ++c) {
       if (std::isfinite(out[c].a) && std::isfinite(out[c].b)) continue;
@@ -671,19 +680,20 @@ void row_sums(const T* const* in, Index pitch, Index C, Index inner, Index rows,
 /// Step's sums over a block of rows in row order, centered on center[c] (see row_sums).
 template <class Step, class T>
 void step_sums_in_rows(const T* const* in, Index pitch, Index C, Index inner, Index rows,
-                       const double* center, T* room, Partial* out) {
+                       const double* center, SweepScratch<T> scratch, Partial* out) {
+  T* room = scratch.values;
   T* near = room + 2 * kLanes<T> * C;  // the centers rounded to T: subtractions near them are exact
   for (Index c = 0; c < C; ++c) near[c] = T(center[c]);
-  row_sums<Step>(in, pitch, C, inner, rows, room, out);
+  row_sums<Step>(in, pitch, C, inner, rows, room, scratch.sums, out);
   for (Index c = 0; c < C; ++c) out[c] = Step::recenter(out[c], double(near[c]), center[c]);
 }
 
 /// Moments over a block of rows in row order, in one pass: a channel's shift is the mean of its
 /// first kShiftValues / 4 values (or all of its first row's, if fewer), see shift_of.
 template <class T>
-void moments_in_rows(const T* x, Index pitch, Index C, Index inner, Index rows, T* room,
-                     Partial* out) {
-  T* shift = room + 2 * kLanes<T> * C;
+void moments_in_rows(const T* x, Index pitch, Index C, Index inner, Index rows,
+                     SweepScratch<T> scratch, Partial* out) {
+  T* shift = scratch.values + 2 * kLanes<T> * C;
   const Index k = std::min(inner, kShiftValues / 4);
   for (Index c = 0; c < C; ++c) {
     const T* first = x + c * inner;
@@ -692,7 +702,7 @@ void moments_in_rows(const T* x, Index pitch, Index C, Index inner, Index rows, 
     shift[c] = sum / T(k);
     if (!std::isfinite(shift[c])) shift[c] = std::isfinite(first[0]) ? first[0] : T(0);
   }
-  row_sums<CenteredSums>(&x, pitch, C, inner, rows, room, out);
+  row_sums<CenteredSums>(&x, pitch, C, inner, rows, scratch.values, scratch.sums, out);
   const double inverse = 1.0 / double(rows * inner);
   for (Index c = 0; c < C; ++c) out[c] = centered_to_moments(out[c], double(shift[c]), inverse);
 }
@@ -1253,10 +1263,9 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
       in[k] = reduce_in[k] + b * bl.rows * pitch + c0 * g.inner;
     if (by_rows) {
       if constexpr (kMoments)
-        moments_in_rows(in[0], pitch, c1 - c0, g.inner, rows, scratch.values, out);
+        moments_in_rows(in[0], pitch, c1 - c0, g.inner, rows, scratch, out);
       else
-        step_sums_in_rows<Step>(in, pitch, c1 - c0, g.inner, rows, centers + c0, scratch.values,
-                                out);
+        step_sums_in_rows<Step>(in, pitch, c1 - c0, g.inner, rows, centers + c0, scratch, out);
     } else {
       if constexpr (kMoments) moments_across(in[0], pitch, c1 - c0, g.inner, rows, scratch, out);
       else step_sums_across<Step>(in, pitch, c1 - c0, g.inner, rows, centers + c0, scratch, out);
@@ -1328,7 +1337,7 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
     });
   } else if (by_rows) {
     // Each worker walks its channels of every row.
-    const auto scratch = scratch_room(row_sums_size<T>(C), 0);
+    const auto scratch = scratch_room(row_values_size<T>(C), row_sums_size<T>(C));
     parallel_workers(device, C, [&](Index worker, Index c0, Index c1) {
       for (Index b = 0; b < bl.blocks; ++b) reduce(scratch(worker), b, c0, c1);
     });
