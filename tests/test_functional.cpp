@@ -22,12 +22,14 @@ std::vector<Shape> shapes() {
       {1, 2, 5000, kFirst},   {3, 2, 9001, kFirst},  {300, 2, 17, kFirst}, {2, 37, 33, kFirst},
       {7, 3, 1, kLast},       {2, 3, 7, kLast},      {5, 37, 3, kLast},    {40, 1030, 1, kLast},
       {300, 1030, 1, kLast},  {2000, 3, 1, kLast},   {9, 17, 13, kLast},   {2, 1, 3, kFirst},
-      // Short runs swept position by position: several blocks of rows per channel, the last
-      // one cut short, in one piece of channels or in several (the last one narrower). Long
-      // runs cut into pieces, on the fused path: where BNORM_GROUP_BYTES is set small, in
-      // groups of two channels (one for backward), the last one narrower.
+      // Short runs, read in row order (or swept position by position where shorter than a
+      // packet): several blocks of rows per channel, the last one cut short, in one piece of
+      // channels or in several (the last one narrower). Long runs cut into pieces, on the fused
+      // path: where BNORM_GROUP_BYTES is set small, in groups of two channels (one for
+      // backward), the last one narrower.
       {300, 37, 17, kFirst},  {150, 70, 15, kFirst}, {2, 9, 33000, kFirst},
-      // Long runs of a multiple of every packet size: a row's channels applied as one run.
+      // Runs of a multiple of every packet size: a row's channels applied as one run (read in
+      // row order with AVX2 and AVX-512, on the fused path without).
       {3, 5, 272, kFirst},
       // Channels-last with several blocks of rows, each swept in sub-blocks, the last ones cut
       // short (odd rows left over); narrow and wide rows, channels not a multiple of a packet.

@@ -31,11 +31,11 @@
 
 namespace bnorm::detail {
 
-/// ALONG runs shorter than this are handled a row of channels at a time, as the rows of ACROSS
-/// data are: reduced in memory order (see in_row_order; position by position, see sweep_across,
-/// where that cannot be) and applied in memory order (see BlendCoefs; RowCoefs for runs shorter
-/// than a packet). A run per channel would spend much of
-/// its time on its ends, and could not stream its stores.
+/// ALONG runs shorter than this (and longer ones that in_row_order takes) are handled a row of
+/// channels at a time, as the rows of ACROSS data are: reduced in memory order (see in_row_order;
+/// position by position, see sweep_across, where that cannot be) and applied in memory order
+/// (see BlendCoefs; RowCoefs for runs shorter than a packet). A run per channel would spend much
+/// of its time on its ends, and could not stream its stores.
 inline constexpr Index kShortRun = 256;
 /// Short ALONG runs are swept a piece of channels at a time, about this many positions wide: the
 /// accumulators the sweep reads and writes with every row (five values of T per position, 20 KiB
@@ -82,8 +82,8 @@ struct Blocking {
   // ALONG (inner > 1): block b of a channel covers rows [first_row, first_row + rows) of that
   // channel, and within each row the elements [first, first + len) of the inner run.
   static constexpr Index kAlongElems = 2048;  // 8 KiB of floats: pass two reads from L1
-  // ALONG with runs shorter than kShortRun: block b covers rows [b * rows, ...) of a channel,
-  // reduced as ACROSS blocks are (see sweep_across), in one sub-block of rows.
+  // ALONG, read a row of channels at a time (`by_rows`: runs shorter than kShortRun, or
+  // in_row_order): block b covers rows [b * rows, ...) of a channel.
   static constexpr Index kShortRows = 128;
   // ACROSS (inner == 1): block b covers rows [b * rows, ...) of every channel. Blocks are
   // large, since each one ends with scalar work per channel (finishing its sums, merging them),
@@ -97,7 +97,7 @@ struct Blocking {
   Index piece = 0;   // ALONG: elements per piece
   Index blocks = 0;  // ALONG: blocks per channel; ACROSS: blocks in all
 
-  explicit Blocking(const Geometry& g) {
+  Blocking(const Geometry& g, bool by_rows) {
     if (g.across()) {
       const Index most =
           std::clamp<Index>(kAcrossElems / std::max<Index>(g.channels, 1), 16, kAcrossRowsMax);
@@ -105,7 +105,7 @@ struct Blocking {
       if (wanted > 1) wanted = (wanted + 3) / 4 * 4;
       rows = std::max<Index>(1, (g.outer + wanted - 1) / wanted);
       blocks = (g.outer + rows - 1) / rows;
-    } else if (g.inner < kShortRun) {
+    } else if (by_rows) {
       rows = kShortRows;
       piece = g.inner;
       blocks = (g.outer + rows - 1) / rows;
@@ -574,16 +574,17 @@ void moments_across(const T* x, Index pitch, Index C, Index inner, Index rows,
     out[c] = centered_to_moments(out[c], double(shift[c * inner]), inverse);
 }
 
-/// Short ALONG runs of at least a packet, few enough that a run adds at most kTermsInT values to
-/// each lane, are reduced in memory order instead of swept: row after row and, within a row,
-/// channel after channel, each channel's run into packets of its own. The sweep keeps a table of
-/// accumulators per position, which goes through L1 with every row; this keeps two packets per
-/// channel. (Models of the two read 14 x 14 images at 1.6x and 1.1x the time of a plain read of
-/// the same bytes; on 32 x 1024 x 14 x 14, forward training went from 2.1x to 1.2x a memcpy.)
+/// ALONG runs of at least a packet, short enough that a run adds at most kTermsInT values to
+/// each lane (up to 1024 floats with AVX-512), are reduced in memory order: row after row and,
+/// within a row, channel after channel, each channel's run into packets of its own. Short runs
+/// were swept instead, with a table of accumulators per position that goes through L1 with
+/// every row (models of the two read 14 x 14 images at 1.6x and 1.1x the time of a plain read of
+/// the same bytes; on 32 x 1024 x 14 x 14, forward training went from 2.1x to 1.2x a memcpy).
+/// Longer runs, up to that limit, were read run by run in groups of channels (see
+/// reduce_then_apply); in row order, 32 x 512 x 28 x 28 backward went from 2.5x to 1.5x.
 template <class T>
 bool in_row_order(const Geometry& g) {
-  return !g.across() && g.inner < kShortRun && g.inner >= kLanes<T> &&
-         (g.inner + kLanes<T> - 1) / kLanes<T> <= kTermsInT;
+  return !g.across() && g.inner >= kLanes<T> && (g.inner + kLanes<T> - 1) / kLanes<T> <= kTermsInT;
 }
 
 /// A worker's room for row_sums over C channels: `values`, row_values_size(C) of them, for two
@@ -1093,7 +1094,7 @@ void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>
     ws.row_coefs.resize(std::size_t(Op::kCoefs * RowCoefs<T>::stride_for(g.channels)));
     const auto k = layout_row_coefs(Op::kCoefs, g.channels, 0, g.channels, 1, coef,
                                     ws.row_coefs.data());
-    const Blocking bl(g);
+    const Blocking bl(g, true);
     if (whole_blocks(g, bl, device, sizeof(T))) {
       parallel_ranges(device, bl.blocks, [&](Index b0, Index b1) {
         for (Index b = b1; b-- > b0;)
@@ -1219,13 +1220,13 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
     else return Step::kInputs;
   }();
   const Index C = g.channels;
-  const Blocking bl(g);
+  const bool by_rows = in_row_order<T>(g);
+  const bool swept = by_rows || g.inner < kShortRun;  // a row of channels at a time (or ACROSS)
+  const Blocking bl(g, swept);
   ws.coefs.resize(std::size_t(Op::kCoefs * C));
   T* coef = ws.coefs.data();
   ws.partials.resize(std::size_t(C * bl.blocks));
   Partial* part = ws.partials.data();  // block b's of channel c at part[b * C + c]
-  const bool swept = g.inner < kShortRun;  // ACROSS, or ALONG with short runs
-  const bool by_rows = in_row_order<T>(g);   // ALONG with short runs, not swept after all
   const bool by_groups = !swept && (workers(device) == 1 || C >= 4 * workers(device));
 
   // Step 2 for channels [c0, c1): blocks merged into block 0's partials, in block order.
