@@ -1201,13 +1201,14 @@ void inverse_std(const V* var, Index n, double eps, double* invstd) {
 /// and `finish(c, n, total, coef)`, which turns the totals of channels [c, c + n) (n at most
 /// kFinishBatch) into their coefficients.
 ///
-/// Runs step 1 over every block, step 2 per channel, and step 3 with Op. ALONG with long runs,
-/// where there are enough channels for every worker, each worker takes whole channels and does
-/// all three steps on a group of them at a time, so the elementwise pass reads the group back
-/// from cache. Otherwise the steps run one after the other, each split over all workers: short
-/// runs are read a whole row at a time, which groups would cut into short pieces (1.2-1.4x
-/// slower on 7 x 7 images; on the AMD EPYC VM, groups small enough for L2 were slower still on
-/// 7 x 7 and 14 x 14 images, whose elementwise pass waits on its stores, not on its loads).
+/// Runs step 1 over every block, step 2 per channel, and step 3 with Op. ALONG with runs too
+/// long for in_row_order, where there are enough channels for every worker, each worker takes
+/// whole channels and does all three steps on a group of them at a time, so the elementwise pass
+/// reads the group back from cache. Otherwise the steps run one after the other, each split over
+/// all workers: shorter runs are read a whole row at a time, which groups would cut into short
+/// pieces (1.2-1.4x slower on 7 x 7 images; on the AMD EPYC VM, groups small enough for L2 were
+/// slower still on 7 x 7 and 14 x 14 images, whose elementwise pass waits on its stores, not on
+/// its loads).
 /// Either way, every block is reduced by the same code and merged in the same order: the results
 /// do not depend on the split.
 template <class Op, class Step, class T, class Merge, class Finish>
