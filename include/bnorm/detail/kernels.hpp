@@ -581,7 +581,8 @@ void moments_across(const T* x, Index pitch, Index C, Index inner, Index rows,
 /// every row (models of the two read 14 x 14 images at 1.6x and 1.1x the time of a plain read of
 /// the same bytes; on 32 x 1024 x 14 x 14, forward training went from 2.1x to 1.2x a memcpy).
 /// Longer runs, up to that limit, were read run by run in groups of channels (see
-/// reduce_then_apply); in row order, 32 x 512 x 28 x 28 backward went from 2.5x to 1.5x.
+/// reduce_then_apply); in row order, 32 x 512 x 28 x 28 backward went from 2.1-2.5x to 1.5-1.8x
+/// a memcpy (two A/B runs).
 template <class T>
 bool in_row_order(const Geometry& g) {
   return !g.across() && g.inner >= kLanes<T> && (g.inner + kLanes<T> - 1) / kLanes<T> <= kTermsInT;
@@ -1208,9 +1209,8 @@ void inverse_std(const V* var, Index n, double eps, double* invstd) {
 /// all workers: shorter runs are read a whole row at a time, which groups would cut into short
 /// pieces (1.2-1.4x slower on 7 x 7 images; on the AMD EPYC VM, groups small enough for L2 were
 /// slower still on 7 x 7 and 14 x 14 images, whose elementwise pass waits on its stores, not on
-/// its loads).
-/// Either way, every block is reduced by the same code and merged in the same order: the results
-/// do not depend on the split.
+/// its loads). Either way, every block is reduced by the same code and merged in the same order:
+/// the results do not depend on the split.
 template <class Op, class Step, class T, class Merge, class Finish>
 void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const double* centers,
                        Merge merge, Finish finish, const Streams<T, Op::kInputs>& s,
