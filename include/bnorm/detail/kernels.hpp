@@ -454,6 +454,22 @@ inline double sum_of(const double* p, Index n) {
   return ei::predux(acc);
 }
 
+/// Step's sums in double of positions [first, first + len) of `rows` rows (`pitch` values apart),
+/// centered on `center`: a channel whose sums in T are not finite (values near T's maximum, NaN,
+/// inf) is summed again this way, on its own, so that it cannot change another channel's bits.
+template <class Step, class T>
+Partial sums_in_double(const T* const* in, Index pitch, Index rows, Index first, Index len,
+                       double center) {
+  double a = 0, b = 0, v[Step::kInputs];
+  for (Index r = 0; r < rows; ++r) {
+    for (Index p = first; p < first + len; ++p) {
+      for (int i = 0; i < Step::kInputs; ++i) v[i] = double(in[i][r * pitch + p]);
+      Step::add(v, center, a, b);
+    }
+  }
+  return {double(rows * len), a, b};
+}
+
 /// Step's sums over a block of `rows` rows (`pitch` values apart) for C channels of `inner`
 /// positions, position p centered on near[p], into out[c]. near[] may be the first part of
 /// scratch.values. A channel whose sums in T are not finite (values near T's maximum, NaN, inf)
@@ -502,17 +518,9 @@ void sweep_across(const T* const* in, Index pitch, Index C, Index inner, Index r
     finite = finite && std::isfinite(out[c].a) && std::isfinite(out[c].b);
   }
   if constexpr (!std::is_same_v<T, double>) {
-    for (Index c = 0; c < C && !finite; ++c) {
-      if (std::isfinite(out[c].a) && std::isfinite(out[c].b)) continue;
-      double a = 0, b = 0, v[Step::kInputs];
-      for (Index r = 0; r < rows; ++r) {
-        for (Index p = c * inner; p < (c + 1) * inner; ++p) {
-          for (int i = 0; i < Step::kInputs; ++i) v[i] = double(in[i][r * pitch + p]);
-          Step::add(v, double(near[p]), a, b);
-        }
-      }
-      out[c] = {count, a, b};
-    }
+    for (Index c = 0; c < C && !finite; ++c)
+      if (!std::isfinite(out[c].a) || !std::isfinite(out[c].b))
+        out[c] = sums_in_double<Step>(in, pitch, rows, c * inner, inner, double(near[c * inner]));
   }
 }
 
@@ -665,17 +673,9 @@ void row_sums(const T* const* in, Index pitch, Index C, Index inner, Index rows,
   for (Index c = 0; c < C; ++c)
     out[c] = {double(rows * inner), sum_of(wide + 2 * L * c, L), sum_of(wide + 2 * L * c + L, L)};
   if constexpr (!std::is_same_v<T, double>) {
-    for (Index c = 0; c < C; ++c) {
-      if (std::isfinite(out[c].a) && std::isfinite(out[c].b)) continue;
-      double a = 0, b = 0, v[Step::kInputs];
-      for (Index r = 0; r < rows; ++r) {
-        for (Index p = 0; p < inner; ++p) {
-          for (int i = 0; i < Step::kInputs; ++i) v[i] = double(in[i][r * pitch + c * inner + p]);
-          Step::add(v, double(near[c]), a, b);
-        }
-      }
-      out[c] = {double(rows * inner), a, b};
-    }
+    for (Index c = 0; c < C; ++c)
+      if (!std::isfinite(out[c].a) || !std::isfinite(out[c].b))
+        out[c] = sums_in_double<Step>(in, pitch, rows, c * inner, inner, double(near[c]));
   }
 }
 
@@ -691,19 +691,12 @@ void step_sums_in_rows(const T* const* in, Index pitch, Index C, Index inner, In
 }
 
 /// Moments over a block of rows in row order, in one pass: a channel's shift is the mean of its
-/// first kShiftValues / 4 values (or all of its first row's, if fewer), see shift_of.
+/// first kShiftValues values (or all of its first row's, if fewer), see shift_of.
 template <class T>
 void moments_in_rows(const T* x, Index pitch, Index C, Index inner, Index rows,
                      SweepScratch<T> scratch, Partial* out) {
   T* shift = scratch.values + 2 * kLanes<T> * C;
-  const Index k = std::min(inner, kShiftValues / 4);
-  for (Index c = 0; c < C; ++c) {
-    const T* first = x + c * inner;
-    T sum = 0;
-    for (Index i = 0; i < k; ++i) sum += first[i];
-    shift[c] = sum / T(k);
-    if (!std::isfinite(shift[c])) shift[c] = std::isfinite(first[0]) ? first[0] : T(0);
-  }
+  for (Index c = 0; c < C; ++c) shift[c] = T(shift_of(x + c * inner, std::min(inner, kShiftValues)));
   row_sums<CenteredSums>(&x, pitch, C, inner, rows, scratch.values, scratch.sums, out);
   const double inverse = 1.0 / double(rows * inner);
   for (Index c = 0; c < C; ++c) out[c] = centered_to_moments(out[c], double(shift[c]), inverse);
