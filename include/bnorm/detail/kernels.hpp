@@ -1129,11 +1129,14 @@ void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>
 }
 
 /// Whether the elementwise pass of s streams its output. One thread does so from kStreamBytes
-/// on. Several threads do so only where the pass's tensors do not fit in the last-level cache
-/// together: the cache's bandwidth grows with the threads, memory's much less. (On the AMD EPYC
-/// VM, 2 threads over tensors of 12.8 MB streamed an inference at 1.7-1.9x a 2-thread memcpy,
-/// 1.1-1.3x not streamed; one thread at 1.0-1.1x streamed, 1.0-1.5x not.) BNORM_STREAM_BYTES,
-/// where defined, makes the size alone decide, whatever the threads.
+/// on. Several threads do so only where the pass's tensors do not fit in seven eighths of the
+/// last-level cache together (the rest holds code, tables and other processes' lines): the
+/// cache's bandwidth grows with the threads, memory's much less. (On the AMD EPYC VM, 2 threads
+/// over tensors of 12.8 MB, 80% of the L3 for two, streamed an inference at 1.7-1.9x a 2-thread
+/// memcpy, 1.1-1.3x not streamed; one thread at 1.0-1.1x streamed, 1.0-1.5x not. Over two of
+/// 16 MiB, the whole L3, 2-thread forward training took 1.8-2.1x not streamed, 1.4-1.7x
+/// streamed, in two A/B runs; inference was even.)
+/// BNORM_STREAM_BYTES, where defined, makes the size alone decide, whatever the threads.
 template <class T, int kInputs>
 bool streams_output(const Geometry& g, [[maybe_unused]] const Streams<T, kInputs>& s,
                     [[maybe_unused]] const Eigen::ThreadPoolDevice* device) {
@@ -1142,7 +1145,8 @@ bool streams_output(const Geometry& g, [[maybe_unused]] const Streams<T, kInputs
   const bool by_threads = true;
 #else
   const int tensors = kInputs + 1 + (s.copy ? 1 : 0);
-  const bool by_threads = workers(device) == 1 || bytes * tensors > last_level_cache_bytes();
+  const bool by_threads =
+      workers(device) == 1 || bytes * tensors > last_level_cache_bytes() / 8 * 7;
 #endif
   return bytes >= kStreamBytes && by_threads;
 }
