@@ -31,6 +31,9 @@ std::vector<Shape> shapes() {
       // Runs of a multiple of every packet size: a row's channels applied as one run (read in
       // row order with AVX2 and AVX-512, on the fused path without).
       {3, 5, 272, kFirst},
+      // Runs of one to three packets, whose coefficients each packet selects (SelectCoefs):
+      // 2 values for the scalar program; 7, 15, 17 and 33 reach it with wider packets.
+      {5, 3, 2, kFirst},
       // Channels-last with several blocks of rows, each swept in sub-blocks, the last ones cut
       // short (odd rows left over); narrow and wide rows, channels not a multiple of a packet.
       {5, 7, 1715, kLast},    {2100, 1030, 1, kLast},
