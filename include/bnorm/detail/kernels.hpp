@@ -837,8 +837,8 @@ struct BlendCoefs {
   }
 };
 
-/// BlendCoefs for runs of fewer than kSelectPackets packets: every packet selects its
-/// coefficients from channel c's and the next one's, lane by lane, with no branch. Where most
+/// What BlendCoefs gives, for channels of fewer than kSelectPackets packets: every packet selects
+/// its coefficients from channel c's and the next one's, lane by lane, with no branch. Where most
 /// packets straddle two channels, that costs less than BlendCoefs' bookkeeping and branches
 /// once per channel; on longer runs, the selects on every packet cost more. (A/B over 3 rounds
 /// on the AMD EPYC VM, bnorm / memcpy, 1 thread, NCHW: 128 x 256 x 25 inference 2.08 -> 1.47,
