@@ -815,10 +815,10 @@ struct BlendCoefs {
     load(then, 1 % channels);
     blend();
   }
-  EIGEN_ALWAYS_INLINE void load(P* to, Index channel) {
+  void load(P* to, Index channel) {
     for (int j = 0; j < kCoefs; ++j) to[j] = ei::pset1<P>(coef[j * channels + channel]);
   }
-  EIGEN_ALWAYS_INLINE void blend() {
+  void blend() {
     const P mine = ei::pcmp_lt(lane, ei::pset1<P>(T((left - 1) % L + 1)));
     for (int j = 0; j < kCoefs; ++j) last[j] = ei::pselect(mine, now[j], then[j]);
   }
@@ -827,11 +827,7 @@ struct BlendCoefs {
   /// Packets that start in channel c, the last one perhaps across its end. Once per channel
   /// rather than once per packet across an end, the bookkeeping cost 7 x 7 images less.
   Index span() const { return (left + L - 1) / L; }
-  /// Inlined by force, as are load and blend: in the two-part passes GCC made calls of them, and
-  /// the call of next() alone took 15-20% of a 2048 x 7 x 7 forward. (A/B over 5 rounds, 1
-  /// thread, bnorm / memcpy, NCHW 2048 x 7 x 7: training 1.73 -> 1.30; but inference, whose
-  /// samples then fall on its streamed stores, 0.84 -> 1.19; backward even.)
-  EIGEN_ALWAYS_INLINE void next(Index n) {
+  void next(Index n) {
     for (left -= n; left <= 0; left += inner) {
       c = c + 1 == channels ? 0 : c + 1;
       for (int j = 0; j < kCoefs; ++j) now[j] = then[j];
