@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <type_traits>
 #include <utility>
 
@@ -55,6 +56,41 @@ inline Wide load_wide(const T* p) {
     return ei::ploadu<Wide>(widened);
 #endif
   }
+}
+
+/// permute(p, index): lane l of the result is lane index[l] of p, for kLanes<T> indices of
+/// LaneIndex<T> below kLanes<T>. kPermutes<T> tells where one instruction does it (AVX-512;
+/// AVX2 for floats); elsewhere it goes through memory.
+template <class T>
+using LaneIndex = std::conditional_t<sizeof(T) == 4, std::int32_t, std::int64_t>;
+#if defined(EIGEN_VECTORIZE_AVX512)
+template <class T>
+inline constexpr bool kPermutes = true;
+#elif defined(EIGEN_VECTORIZE_AVX2)
+template <class T>
+inline constexpr bool kPermutes = std::is_same_v<T, float>;
+#else
+template <class T>
+inline constexpr bool kPermutes = false;
+#endif
+
+template <class T>
+inline Packet<T> permute(const Packet<T>& p, const LaneIndex<T>* index) {
+#if defined(EIGEN_VECTORIZE_AVX512)
+  const __m512i i = _mm512_loadu_si512(index);
+  if constexpr (std::is_same_v<T, float>) return _mm512_permutexvar_ps(i, p);
+  else return _mm512_permutexvar_pd(i, p);
+#else
+#if defined(EIGEN_VECTORIZE_AVX2)
+  if constexpr (std::is_same_v<T, float>)
+    return _mm256_permutevar8x32_ps(p,
+                                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(index)));
+#endif
+  T from[kLanes<T>], to[kLanes<T>];
+  ei::pstoreu(from, p);
+  for (Index l = 0; l < kLanes<T>; ++l) to[l] = from[index[l]];
+  return ei::ploadu<Packet<T>>(to);
+#endif
 }
 
 /// Tails of runs go through the same vector code as their bodies, with packets cut to their first
