@@ -53,7 +53,7 @@ const std::vector<Case>& cases() {
       {{32, 64, 112, 112}}, {{32, 64, 56, 56}},  {{32, 256, 56, 56}}, {{32, 128, 28, 28}},
       {{32, 512, 28, 28}},  {{32, 256, 14, 14}}, {{32, 1024, 14, 14}}, {{32, 512, 7, 7}},
       {{32, 2048, 7, 7}},   {{4096, 1024}},      {{256, 512}},         {{64, 128, 100}},
-      {{128, 256, 25}},  // runs shorter than three packets (see SelectCoefs)
+      {{128, 256, 25}},  // runs of one to three packets (see GroupCoefs, SelectCoefs)
   };
   return all;
 }
