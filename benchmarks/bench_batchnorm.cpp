@@ -54,6 +54,7 @@ const std::vector<Case>& cases() {
       {{32, 512, 28, 28}},  {{32, 256, 14, 14}}, {{32, 1024, 14, 14}}, {{32, 512, 7, 7}},
       {{32, 2048, 7, 7}},   {{4096, 1024}},      {{256, 512}},         {{64, 128, 100}},
       {{128, 256, 25}},  // runs of one to three packets (see GroupCoefs, SelectCoefs)
+      {{32, 1024, 3, 3}},  // runs shorter than a packet
   };
   return all;
 }

@@ -34,11 +34,11 @@ std::vector<Shape> shapes() {
       // Runs of one to three packets, whose coefficients each packet selects (SelectCoefs):
       // 2 values for the scalar program; 7, 15, 17 and 33 reach it with wider packets.
       {5, 3, 2, kFirst},
-      // Channels in whole groups of a packet's width and runs of one to four packets, whose
+      // Channels in whole groups of a packet's width and runs of under four packets, whose
       // packets permute their group's coefficients (GroupCoefs) where the target permutes in
-      // one instruction (AVX2 floats, AVX-512): 17 values in two or four groups; 49 values in
-      // one group, which wraps around at every row, for AVX-512 floats.
-      {3, 32, 17, kFirst},    {4, 16, 49, kFirst},
+      // one instruction (AVX2 floats, AVX-512): 7 and 17 values in two or four groups; 49
+      // values in one group, which wraps around at every row, for AVX-512 floats.
+      {3, 32, 7, kFirst},     {3, 32, 17, kFirst},   {4, 16, 49, kFirst},
       // Channels-last with several blocks of rows, each swept in sub-blocks, the last ones cut
       // short (odd rows left over); narrow and wide rows, channels not a multiple of a packet.
       {5, 7, 1715, kLast},    {2100, 1030, 1, kLast},
@@ -240,7 +240,8 @@ TEMPLATE_TEST_CASE("results do not depend on where the buffers lie", "[functiona
   // bits, and write nothing outside the output.
   using T = TestType;
   const Shape cases[] = {{3, 5, 272, kFirst}, {300, 37, 17, kFirst}, {2, 3, 9001, kFirst},
-                         {3, 32, 17, kFirst},  {40, 1030, 1, kLast},   {9, 17, 13, kLast}};
+                         {3, 32, 17, kFirst},  {3, 32, 7, kFirst},     {40, 1030, 1, kLast},
+                         {9, 17, 13, kLast}};
   const std::pair<Index, Index> placements[] = {{0, 0}, {1, 1}, {3, 5}, {0, 7}, {5, 0}, {13, 2}};
   for (const Shape& sh : cases) {
     INFO(describe(sh));

@@ -887,7 +887,9 @@ struct SelectCoefs {
 /// (A/B on the AMD EPYC VM with AVX-512, bnorm / memcpy, NCHW, 1 thread, against SelectCoefs on
 /// 128 x 256 x 25: inference 1.47 -> 1.07, training 3.00 -> 2.27, backward 4.04 -> 3.56; against
 /// BlendCoefs on 512 x 7 x 7: inference 1.31 -> 1.09, training 2.39 -> 2.28, backward 3.56 ->
-/// 3.38; on 64 x 128 x 100, 6 packets a channel, it was slower: training 1.75 -> 1.96.)
+/// 3.38; on 64 x 128 x 100, 6 packets a channel, it was slower: training 1.75 -> 1.96. Against
+/// RowCoefs' tables, by chunks of channels, on runs shorter than a packet, 32 x 1024 x 3 x 3:
+/// inference 2.04 -> 1.32, training 4.26 -> 3.59, backward 6.17 -> 5.18.)
 /// A run must start at a row's start, with no packet cut short before it (kCutsFirstPacket).
 inline constexpr Index kGroupPackets = 4;
 template <class T, int kCoefs>
@@ -1175,6 +1177,9 @@ void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>
     });
     if constexpr (kStream) stream_fence();
   };
+  constexpr Index L = kLanes<T>;
+  const bool permuted =
+      kPermutes<T> && !g.across() && g.channels % L == 0 && g.inner < kGroupPackets * L;
   if (g.across()) {
     ws.row_coefs.resize(std::size_t(Op::kCoefs * RowCoefs<T>::stride_for(g.channels)));
     const auto k = layout_row_coefs(Op::kCoefs, g.channels, 0, g.channels, 1, coef,
@@ -1188,10 +1193,8 @@ void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>
     } else {
       parallel_ranges(device, g.outer, [&](Index r0, Index r1) { apply_rows(r0, r1, k); });
     }
-  } else if (g.inner < kShortRun && g.inner >= kLanes<T>) {
+  } else if (g.inner < kShortRun && (g.inner >= kLanes<T> || permuted)) {
     // Each worker's rows in memory order, as one run (in `parts` parts).
-    constexpr Index L = kLanes<T>;
-    const bool permuted = kPermutes<T> && g.channels % L == 0 && g.inner < kGroupPackets * L;
     if (permuted) {
       ws.lane_index.resize(std::size_t(g.inner * L));
       for (Index i = 0; i < g.inner * L; ++i)
