@@ -844,7 +844,8 @@ struct BlendCoefs {
 /// once per channel; on longer runs, the selects on every packet cost more. (A/B over 3 rounds
 /// on the AMD EPYC VM, bnorm / memcpy, 1 thread, NCHW: 128 x 256 x 25 inference 2.08 -> 1.47,
 /// training 3.32 -> 3.17, backward 4.31 -> 4.41; with selects on every short run, 7 x 7 images
-/// trained at 2.46 -> 2.93 and 64 x 128 x 100 at 1.84 -> 2.51.)
+/// trained at 2.46 -> 2.93 and 64 x 128 x 100 at 1.84 -> 2.51.) GroupCoefs, faster still, takes
+/// its place where the target permutes in one instruction and the channels fill whole packets.
 inline constexpr Index kSelectPackets = 3;
 template <class T, int kCoefs>
 struct SelectCoefs {
