@@ -66,7 +66,7 @@ def machine(context):
                        for c in context.get("caches", []) if c["type"] != "Instruction")
     return (f"{cpu} ({isa}), {context.get('num_cpus', '?')} cores at "
             f"{context.get('mhz_per_cpu', '?')} MHz, caches: {caches}; {platform.system()}; "
-            f"float32, tensors starting on a 64-byte boundary, benchmarks built with "
+            f"float32, tensors starting on a page boundary, benchmarks built with "
             f"-O3 -march=native")
 
 

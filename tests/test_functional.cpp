@@ -283,6 +283,70 @@ TEMPLATE_TEST_CASE("results do not depend on where the buffers lie", "[functiona
   }
 }
 
+TEMPLATE_TEST_CASE("outputs just past their inputs modulo 4 KiB give the same results",
+                   "[functional]", float, double) {
+  // An output a few cache lines past an input, modulo 4 KiB, is walked with its inputs loaded
+  // ahead (see kAliasBytes): x, dy and the output lie a whole number of pages apart, plus `trail`
+  // bytes for the output. Every trail must give the bits of outputs pages apart.
+  using T = TestType;
+  const Shape cases[] = {{3, 5, 272, kFirst}, {300, 37, 17, kFirst}, {3, 32, 17, kFirst},
+                         {3, 32, 7, kFirst},  {40, 1030, 1, kLast},   {9, 17, 13, kLast}};
+  const Index page = 4096 / Index(sizeof(T));
+  for (const Shape& sh : cases) {
+    INFO(describe(sh));
+    const Index n = sh.size(), span = (n + page - 1) / page * page + page;  // x, dy: a span each
+    const auto x0 = testing::random_input<T>(sh);
+    const auto dy0 = testing::random_input<T>(sh, 1.0);
+    const auto w = testing::random_vector<T>(sh.channels, 0.5, 2.0);
+    const auto b = testing::random_vector<T>(sh.channels, -1.0, 1.0);
+    std::vector<T> y0, infer0, dx0;
+    for (const Index trail : {0, 16, 64, 128, 192, 320}) {
+      INFO("output " << trail << " bytes past the inputs, modulo 4 KiB");
+      auto storage = testing::poisoned<T>(4 * span + 2 * page);
+      Index first = 0;  // a page boundary
+      while (reinterpret_cast<std::uintptr_t>(storage.data() + first) % 4096 != 0) ++first;
+      T* x = storage.data() + first;
+      T* dy = x + span;
+      T* out = dy + span + trail / Index(sizeof(T));
+      std::copy(x0.begin(), x0.end(), x);
+      std::copy(dy0.begin(), dy0.end(), dy);
+      std::vector<T> mean(sh.channels), invstd(sh.channels), gw(sh.channels), gb(sh.channels);
+      const auto written = [&] { return std::vector<T>(out, out + n); };
+      const auto untouched = [&] {  // nothing written outside the output
+        for (Index i = 2 * span; i < Index(storage.size()) - first; ++i)
+          if ((x + i < out || x + i >= out + n) && !std::isnan(x[i])) return false;
+        return true;
+      };
+      fn::forward_training<T>(to_fn(sh), x, out, 1e-5, {w.data(), b.data()},
+                              {mean.data(), invstd.data()});
+      const auto y = written();
+      fn::forward_inference<T>(to_fn(sh), x, out, 1e-5, {w.data(), b.data()}, mean.data(),
+                               invstd.data());
+      const auto infer = written();
+      std::fill(out, out + n, std::numeric_limits<T>::quiet_NaN());
+      fn::backward<T>(to_fn(sh), dy, x, out, fn::Statistics::Batch, mean.data(), invstd.data(),
+                      w.data(), gw.data(), gb.data());
+      const auto dx = written();
+      CHECK(untouched());
+      if (y0.empty()) {
+        y0 = y;
+        infer0 = infer;
+        dx0 = dx;
+        const auto finite = [](const std::vector<T>& v) {  // every value written
+          return std::all_of(v.begin(), v.end(), [](T e) { return std::isfinite(e); });
+        };
+        CHECK(finite(y0));
+        CHECK(finite(infer0));
+        CHECK(finite(dx0));
+      } else {
+        CHECK(testing::same_bits(y, y0));
+        CHECK(testing::same_bits(infer, infer0));
+        CHECK(testing::same_bits(dx, dx0));
+      }
+    }
+  }
+}
+
 TEST_CASE("functional rejects bad arguments before writing anything", "[functional]") {
   std::vector<float> x(6, 1.f), y(6, 7.f), rm(3, 0.f), rv(3, 1.f);
   const fn::Shape one_per_channel{1, 3, 1};
