@@ -1096,8 +1096,8 @@ void apply_runs(const Streams<T, Op::kInputs>& s, const Index* off, Index n, Coe
     out[r] = s.out + off[r];
     copy[r] = s.copy ? s.copy + off[r] : nullptr;
   }
-  // With kAhead, ahead[a][r] holds run r's inputs of the whole packet a + 1 packets after the
-  // next one (in registers: their indices are constants).
+  // With kAhead, ahead[a][r] holds run r's inputs of the whole packet a packets after the next
+  // one to apply (ahead[0]: that one), in registers: their indices are constants.
   P ahead[std::max(kAhead, 1)][K][Op::kInputs];
   // Elements [i, i + count) of every run: one whole packet, or the first count < L of one;
   // its coefficients are t packets on from k's position.
