@@ -71,6 +71,9 @@ std::vector<double> normalize(const Shape& sh, const std::vector<T>& x, const St
 
 struct Grads {
   std::vector<double> dx, weight, bias;
+  // Per channel, the sums of the magnitudes of weight's and bias's terms: what their rounding
+  // errors grow with (the terms may cancel to far less).
+  std::vector<double> weight_terms, bias_terms;
 };
 
 /// Backward. batch_stats: the statistics came from x itself (training), so dx has the terms
@@ -79,20 +82,26 @@ template <class T>
 Grads backward(const Shape& sh, const std::vector<T>& x, const std::vector<T>& dy,
                const Stats& st, double eps, const std::vector<double>& weight, bool batch_stats) {
   Grads g{std::vector<double>(std::size_t(sh.size())), std::vector<double>(sh.channels),
+          std::vector<double>(sh.channels), std::vector<double>(sh.channels),
           std::vector<double>(sh.channels)};
   const double n = double(sh.per_channel());
   for (Index c = 0; c < sh.channels; ++c) {
     const double invstd = 1 / std::sqrt(st.var[c] + eps);
     const double w = weight.empty() ? 1 : weight[c];
-    double sum_dy = 0, sum_dy_xmu = 0;
+    double sum_dy = 0, sum_dy_xmu = 0, abs_dy = 0, abs_dy_xmu = 0;
     for (Index b = 0; b < sh.batch; ++b)
       for (Index s = 0; s < sh.spatial; ++s) {
         const Index i = sh.at(b, c, s);
+        const double term = double(dy[i]) * (double(x[i]) - st.mean[c]);
         sum_dy += double(dy[i]);
-        sum_dy_xmu += double(dy[i]) * (double(x[i]) - st.mean[c]);
+        sum_dy_xmu += term;
+        abs_dy += std::abs(double(dy[i]));
+        abs_dy_xmu += std::abs(term);
       }
     g.bias[c] = sum_dy;
     g.weight[c] = sum_dy_xmu * invstd;
+    g.bias_terms[c] = abs_dy;
+    g.weight_terms[c] = abs_dy_xmu * invstd;
     for (Index b = 0; b < sh.batch; ++b)
       for (Index s = 0; s < sh.spatial; ++s) {
         const Index i = sh.at(b, c, s);
@@ -110,6 +119,7 @@ Grads backward(const Shape& sh, const std::vector<T>& x, const std::vector<T>& d
 struct Module {
   bnorm::Options opt;
   std::vector<double> weight, bias, running_mean, running_var, grad_weight, grad_bias;
+  std::vector<double> grad_weight_terms, grad_bias_terms;  // see Grads
   std::int64_t num_batches_tracked = 0;
   bool training = true;
 
@@ -119,6 +129,8 @@ struct Module {
       bias.assign(channels, 0.0);
       grad_weight.assign(channels, 0.0);
       grad_bias.assign(channels, 0.0);
+      grad_weight_terms.assign(channels, 0.0);
+      grad_bias_terms.assign(channels, 0.0);
     }
     if (opt.track_running_stats) {
       running_mean.assign(channels, 0.0);
@@ -155,6 +167,8 @@ struct Module {
     for (std::size_t c = 0; c < grad_weight.size(); ++c) {
       grad_weight[c] += g.weight[c];
       grad_bias[c] += g.bias[c];
+      grad_weight_terms[c] += g.weight_terms[c];
+      grad_bias_terms[c] += g.bias_terms[c];
     }
     return out;
   }
