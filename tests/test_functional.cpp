@@ -255,9 +255,11 @@ TEMPLATE_TEST_CASE("results do not depend on where the buffers lie", "[functiona
   // runs of channels split or not, streamed stores or not. Every placement must give the same
   // bits, and write nothing outside the output.
   using T = TestType;
+  // Rows of 1024 channels (a multiple of 4 KiB) and of 512 x 3 values (half of it) place the
+  // reductions' tables by the rows (see apart_from), which move with the inputs.
   const Shape cases[] = {{3, 5, 272, kFirst}, {300, 37, 17, kFirst}, {2, 3, 9001, kFirst},
                          {3, 32, 17, kFirst},  {3, 32, 7, kFirst},     {40, 1030, 1, kLast},
-                         {9, 17, 13, kLast}};
+                         {9, 17, 13, kLast},   {40, 1024, 1, kLast},   {5, 512, 3, kFirst}};
   const std::pair<Index, Index> placements[] = {{0, 0}, {1, 1}, {3, 5}, {0, 7}, {5, 0}, {13, 2}};
   for (const Shape& sh : cases) {
     INFO(describe(sh));
@@ -331,6 +333,42 @@ TEMPLATE_TEST_CASE("outputs just past their inputs modulo 4 KiB give the same re
       const auto dx = written();
       CHECK(untouched());
       first.check({y, infer, dx});
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("reduction tables lie in the widest gap between the rows modulo 4 KiB",
+                   "[functional]", float, double) {
+  // apart_from: rows `pitch` apart lie on a lattice of period gcd(pitch bytes, 4 KiB) modulo
+  // 4 KiB, one per input; the tables start within the page the room has to spare, on a cache
+  // line, in the middle of the widest gap between the lattices.
+  using T = TestType;
+  struct Case {
+    Index pitch_bytes, in0, in1, period, want;  // in0, in1: the inputs' byte offsets in a page
+  };
+  const Case cases[] = {
+      {4096, 0, 0, 4096, 2048},     // one lattice of rows whole pages apart: half a page on
+      {8192, 0, 1024, 4096, 2560},  // the gap from 1024 round to 4096 is the wider one
+      {6144, 256, 256, 2048, 1280}, // rows 2 KiB apart modulo 4 KiB
+      {1024, 0, 64, 1024, 512},     // 64 + 480, down to a cache line
+      {24, 8, 8, 64, 0},            // rows on every 8 bytes: any cache line will do
+  };
+  const Index page = 4096 / Index(sizeof(T));
+  std::vector<T> storage(std::size_t(4 * page));
+  T* base = storage.data();
+  while (reinterpret_cast<std::uintptr_t>(base) % 4096 != 0) ++base;
+  const auto offset = [](const T* p) { return Index(reinterpret_cast<std::uintptr_t>(p) % 4096); };
+  for (const Case& c : cases) {
+    for (const Index room_at : {Index(0), Index(sizeof(T)), Index(64), Index(4000)}) {
+      INFO("pitch " << c.pitch_bytes << " bytes, inputs at " << c.in0 << " and " << c.in1
+                    << ", room at " << room_at);
+      T* room = base + page + room_at / Index(sizeof(T));
+      const T* in[] = {base + c.in0 / Index(sizeof(T)), base + c.in1 / Index(sizeof(T))};
+      const T* got = bnorm::detail::apart_from<2>(room, in, c.pitch_bytes / Index(sizeof(T)));
+      CHECK(got >= room);
+      CHECK(got < room + page);
+      CHECK(offset(got) % 64 == 0);
+      CHECK(offset(got) % c.period == c.want);
     }
   }
 }
