@@ -412,7 +412,8 @@ Index sweep_values_size(Index width) {
 }
 
 /// Where in `room` (with a page to spare) a sweep of rows `pitch` values apart, starting at
-/// in[0..kInputs), puts its tables: as far as it can from the rows modulo 4 KiB. The rows' lines
+/// in[0..kInputs), puts its tables (and an elementwise pass over such rows, its table of
+/// coefficients): as far as it can from the rows modulo 4 KiB. The rows' lines
 /// of a position fall in a few L1 sets, the same for every row where rows lie a multiple of
 /// 4 KiB apart (rows of 1024 or 2048 floats, or of 9 x 1024); the tables' five lines of that
 /// position, in one of those sets or next to it, evicted lines of rows ahead of the sweep. On the
@@ -1272,9 +1273,18 @@ void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>
   const bool permuted =
       kPermutes<T> && !g.across() && g.channels % L == 0 && g.inner < kGroupPackets * L;
   if (g.across()) {
-    ws.row_coefs.resize(std::size_t(Op::kCoefs * RowCoefs<T>::stride_for(g.channels)));
-    const auto k = layout_row_coefs(Op::kCoefs, g.channels, 0, g.channels, 1, coef,
-                                    ws.row_coefs.data());
+    // The table of coefficients goes between the rows modulo 4 KiB, as a sweep's tables do (see
+    // apart_from). On the AMD EPYC VM, with the table a line behind the rows' sets instead
+    // (medians of 5, 1 thread): 4096 x 1024 training took 1.35 ms against 1.11, channels-last
+    // 32 x 1024 x 3 x 3 backward 114 us against 99.
+    ws.row_coefs.resize(std::size_t(Op::kCoefs * RowCoefs<T>::stride_for(g.channels)) +
+                        kPageBytes / sizeof(T));
+    const T* streams[Op::kInputs + 2];
+    for (int j = 0; j < Op::kInputs; ++j) streams[j] = s.in[j];
+    streams[Op::kInputs] = s.out;
+    streams[Op::kInputs + 1] = s.copy ? s.copy : s.out;
+    T* table = apart_from<Op::kInputs + 2>(ws.row_coefs.data(), streams, g.channels);
+    const auto k = layout_row_coefs(Op::kCoefs, g.channels, 0, g.channels, 1, coef, table);
     const Blocking bl(g, true);
     if (whole_blocks(g, bl, device, sizeof(T))) {
       parallel_ranges(device, bl.blocks, [&](Index b0, Index b1) {
