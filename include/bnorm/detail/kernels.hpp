@@ -413,15 +413,15 @@ Index sweep_values_size(Index width) {
 
 /// Where in `room` (with a page to spare) a sweep of rows `pitch` values apart, starting at
 /// in[0..kInputs), puts its tables (and an elementwise pass over such rows, its table of
-/// coefficients): as far as it can from the rows modulo 4 KiB. The rows' lines
-/// of a position fall in a few L1 sets, the same for every row where rows lie a multiple of
-/// 4 KiB apart (rows of 1024 or 2048 floats, or of 9 x 1024); the tables' five lines of that
-/// position, in one of those sets or next to it, evicted lines of rows ahead of the sweep. On the
-/// AMD EPYC VM, 32 x 1024 x 3 x 3 channels-first backward took 190-213 us with the tables up to
-/// 128 bytes from the rows modulo 4 KiB, 135-163 us at 128-256 bytes, 109-122 us from 512 bytes
-/// to half a page; the training forward, 114-125 us against 76-79 us. Rows modulo 4 KiB lie on
-/// a lattice with the period gcd(pitch bytes, 4 KiB), shifted by each input's start: the tables
-/// go to the middle of the widest gap between the inputs' lattices, on a cache line.
+/// coefficients): as far as it can from the rows modulo 4 KiB. The rows' lines of a position
+/// fall in a few L1 sets, the same for every row where rows lie a multiple of 4 KiB apart (rows
+/// of 1024 or 2048 floats, or of 9 x 1024); the tables' five lines of that position, in one of
+/// those sets or next to it, evicted lines of rows ahead of the sweep. On the AMD EPYC VM,
+/// 32 x 1024 x 3 x 3 channels-first backward took 190-213 us with the tables up to 128 bytes
+/// from the rows modulo 4 KiB, 135-163 us at 128-256 bytes, 109-122 us from 512 bytes to half a
+/// page; the training forward, 114-125 us against 76-79 us. Rows modulo 4 KiB lie on a lattice
+/// with the period gcd(pitch bytes, 4 KiB), shifted by each input's start: the tables go to the
+/// middle of the widest gap between the inputs' lattices, on a cache line.
 template <int kInputs, class T>
 T* apart_from(T* room, const T* const* in, Index pitch) {
   constexpr std::uintptr_t line = 64;
