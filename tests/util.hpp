@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <random>
@@ -71,13 +73,8 @@ constexpr double tolerance() {
   return std::is_same_v<T, float> ? 2e-5 : 1e-11;
 }
 
-/// Every element of `actual` is within tolerance of `expected`: relative to the element and to
-/// the array's largest magnitude, and, for sums, within an eighth of it relative to terms[i],
-/// the sum of the magnitudes of element i's terms. A sum's rounding error grows with its terms,
-/// which may cancel to a result far smaller than any of them: a float gradient of 0.0017 from
-/// terms of 4.9 in all was off by 1e-7 (0.17 ulps of 4.9) and failed the relative check at one
-/// seed in 300. Over 60 seeds of the backward test, the kernels' sums were off by at most 2.4
-/// float ulps of their terms; an eighth of the float tolerance is 21.
+/// Every element of `actual` is within `tol` of `expected`, relative to the element and to the
+/// array's largest magnitude, and (for sums, see check_sum_close) to an eighth of terms[i].
 template <class T>
 void check_close(const std::vector<T>& actual, const std::vector<double>& expected,
                  const std::string& what, double tol = tolerance<T>(),
@@ -96,6 +93,26 @@ void check_close(const std::vector<T>& actual, const std::vector<double>& expect
     }
   }
   SUCCEED(what << ": " << actual.size() << " values within " << tol);
+}
+
+/// check_close for sums, whose element i adds up terms of magnitudes summing to terms[i]: also
+/// within an eighth of the tolerance relative to terms[i]. A sum's rounding error grows with
+/// its terms, which may cancel to a result far smaller than any of them: a float gradient of
+/// 0.0017 from terms of 4.9 in all was off by 1e-7 (0.17 ulps of 4.9) and failed the relative
+/// check at one seed in 300. Over 60 seeds of the backward test, the kernels' sums were off by at
+/// most 2.4 float ulps of their terms; an eighth of the float tolerance is 21.
+template <class T>
+void check_sum_close(const std::vector<T>& actual, const std::vector<double>& expected,
+                     const std::vector<double>& terms, const std::string& what) {
+  check_close(actual, expected, what, tolerance<T>(), terms);
+}
+
+/// The first element of `storage` on a page (4 KiB) boundary; storage must span two pages.
+template <class T>
+T* page_aligned(std::vector<T>& storage) {
+  T* p = storage.data();
+  while (reinterpret_cast<std::uintptr_t>(p) % 4096 != 0) ++p;
+  return p;
 }
 
 /// A thread pool and its device; workers == 0 means "no device" (calling thread only).
