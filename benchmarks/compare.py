@@ -3,6 +3,13 @@
 
     benchmarks/compare.py build/test/benchmarks/bnorm_bench [--filter RE] [--readme README.md]
     benchmarks/compare.py --json run1.json [run2.json ...]
+    benchmarks/compare.py --ab OLD_BENCH NEW_BENCH [--rounds 5] [--filter RE]
+
+--ab compares two builds of the benchmark (two commits, two sets of flags): it runs bnorm and the
+memcpy of each binary, the two binaries one after the other in alternating order, for --rounds
+rounds, and prints per entry each one's bnorm / memcpy and their quotient NEW / OLD, the median
+over the rounds and its range. On a shared machine whose speed moves between runs, run a build
+against itself first: that shows how far entries move with no change at all.
 
 Every time is a median over the repetitions of one run, in which all implementations ran on the
 same machine, their repetitions interleaved in random order. Given several runs (--json), each
@@ -134,6 +141,54 @@ def table(figures, context, runs=1):
     return "\n".join(lines)
 
 
+def ab_rounds(binaries, filt, rounds, reps, min_time):
+    """Per round, per binary: bnorm / memcpy by (shape, layout, pass, threads). The binaries run
+    in order in even rounds and in reverse in odd ones, so that neither always runs first."""
+    wanted = r"^(bnorm|memcpy)/" + (f".*({filt})" if filt else "")
+    results = []
+    for r in range(rounds):
+        order = list(range(len(binaries))) if r % 2 == 0 else list(reversed(range(len(binaries))))
+        ratios = [None] * len(binaries)
+        for i in order:
+            times = medians(run(binaries[i], wanted, reps, min_time))
+            ratios[i] = {(shape, layout, pas, threads): t / times[("memcpy", "copy", "-", shape, threads)]
+                         for (impl, pas, layout, shape, threads), t in times.items()
+                         if impl == "bnorm" and ("memcpy", "copy", "-", shape, threads) in times}
+        results.append(ratios)
+        print(f"round {r + 1} of {rounds} done", file=sys.stderr)
+    return results
+
+
+def ab_table(results, names):
+    """Markdown: per entry, OLD's and NEW's bnorm / memcpy (medians over the rounds), and NEW / OLD
+    per round: its median and range."""
+    old, new = names
+    lines = [f"A/B over {len(results)} rounds: OLD = {old}, NEW = {new}. bnorm / memcpy are "
+             "medians over the rounds; NEW / OLD is taken within each round (below 1: NEW is "
+             "faster).", "",
+             "| shape | layout | pass | threads | OLD bnorm / memcpy | NEW bnorm / memcpy "
+             "| NEW / OLD | NEW / OLD range |",
+             "|---|---|---|---|---:|---:|---:|---|"]
+    faster = slower = 0
+    quotients = []
+    for key in results[0][0]:
+        rounds = [r for r in results if key in r[0] and key in r[1]]
+        q = [r[1][key] / r[0][key] for r in rounds]
+        if not q:
+            continue
+        quotients.append(statistics.median(q))
+        faster += max(q) < 1
+        slower += min(q) > 1
+        shape, layout, pas, threads = key
+        lines.append(f"| {shape} | {layout} | {pas} | {threads[1:]} "
+                     f"| {statistics.median(r[0][key] for r in rounds):.2f} "
+                     f"| {statistics.median(r[1][key] for r in rounds):.2f} "
+                     f"| {statistics.median(q):.3f} | {min(q):.3f} - {max(q):.3f} |")
+    lines += ["", f"{len(quotients)} entries; NEW / OLD median {statistics.median(quotients):.3f}; "
+              f"NEW faster in every round on {faster}, slower in every round on {slower}."]
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("binary", nargs="?")
@@ -144,7 +199,18 @@ def main():
     ap.add_argument("--repetitions", type=int, default=5)
     ap.add_argument("--min-time", type=float, default=0.1)
     ap.add_argument("--readme", help="replace the section between the perf markers of this file")
+    ap.add_argument("--ab", nargs=2, metavar=("OLD", "NEW"),
+                    help="compare bnorm in two builds of the benchmark (see above)")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of --ab")
     args = ap.parse_args()
+    if args.ab:
+        if args.rounds < 1:
+            ap.error("--rounds must be at least 1")
+        results = ab_rounds(args.ab, args.filter, args.rounds, args.repetitions, args.min_time)
+        if not results[0][0]:
+            sys.exit(f"no bnorm entries with a memcpy matched the filter {args.filter!r}")
+        print(ab_table(results, args.ab))
+        return
     if args.json:
         runs = [json.load(open(path)) for path in args.json]
     elif args.binary:
