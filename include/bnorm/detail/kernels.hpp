@@ -39,8 +39,9 @@ namespace bnorm::detail {
 /// would spend much of its time on its ends, and could not stream its stores.
 inline constexpr Index kShortRun = 256;
 /// Short ALONG runs are swept a piece of channels at a time, about this many positions wide: the
-/// accumulators the sweep reads and writes with every row (five values of T per position, 20 KiB
-/// of floats) then stay in L1. (512 to 4096 measured alike on 7 x 7 and 14 x 14 images.)
+/// accumulators the sweep reads and writes with every row (three values of T per position on
+/// rows this wide, see kWideRow: 12 KiB of floats) then stay in L1. (512 to 4096 measured alike
+/// on 7 x 7 and 14 x 14 images.)
 inline constexpr Index kSweepWidth = 1024;
 
 struct Geometry {
@@ -384,9 +385,9 @@ Partial moments_along(const T* x, Index stride, Index runs, Index len) {
 /// accumulators in a per-worker table (a few KiB per thousand positions, so it stays in L1 or
 /// L2), loaded and stored once per four or eight rows, and a channel's sums are its positions'
 /// sums added up at the end of the block. Summed run by run instead, 7 x 7 images spent more time
-/// on the ends of their runs than on their values. Rows alternate between two sets of
-/// accumulators, and a block is summed in sub-blocks of 2 * kTermsInT rows whose sums in T are
-/// added up in double: each lane adds at most kTermsInT values in T, as in step_sums_along.
+/// on the ends of their runs than on their values. Rows go into one set of accumulators, or two
+/// in turn (see kWideRow); each set's sums in T of at most kTermsInT rows are added up in double:
+/// each lane adds at most kTermsInT values in T, as in step_sums_along.
 
 /// Values of T per position table, padded to whole packets: the padding lanes load zeros
 /// (inputs and centers alike) and so add nothing.
@@ -396,7 +397,7 @@ Index padded(Index positions) {
 }
 
 /// A worker's room for sweeping `width` positions: `values`, sweep_values_size(width) of them,
-/// for the centers and the two sets of two sums in T (and a page to place them, see
+/// for the centers and up to two sets of two sums in T (and a page to place them, see
 /// apart_from), and `sums`, sweep_sums_size(width), for the block's two sums in double (added
 /// up in packets: on 16 rows of 512 channels, adding them up a channel at a time cost more than
 /// the sweep itself).
@@ -415,7 +416,7 @@ Index sweep_values_size(Index width) {
 /// in[0..kInputs), puts its tables (and an elementwise pass over such rows, its table of
 /// coefficients): as far as it can from the rows modulo 4 KiB. The rows' lines of a position
 /// fall in a few L1 sets, the same for every row where rows lie a multiple of 4 KiB apart (rows
-/// of 1024 or 2048 floats, or of 9 x 1024); the tables' five lines of that position, in one of
+/// of 1024 or 2048 floats, or of 9 x 1024); the tables' lines of that position, in one of
 /// those sets or next to it, evicted lines of rows ahead of the sweep. On the AMD EPYC VM,
 /// 32 x 1024 x 3 x 3 channels-first backward took 190-213 us with the tables up to 128 bytes
 /// from the rows modulo 4 KiB, 135-163 us at 128-256 bytes, 109-122 us from 512 bytes to half a
@@ -442,10 +443,22 @@ Index sweep_sums_size(Index width) {
   return 2 * padded<T>(width);
 }
 
+/// Rows of at least this many packets are swept into one set of accumulators, narrower ones into
+/// two in turn. With one set, having half the accumulators to load and store, a sweep over 128
+/// rows of 256 or 1024 channels (in L2) took 0.8-0.95 of the time of two, and over 32 rows of
+/// 113 x 9 positions 0.6-0.8; but on narrow rows it was slower (channels-last training on
+/// 32 x 64 x 56 x 56, from main memory, took 1.3x as long), where a position's additions, which
+/// chain from one group of rows to the next, have few other positions' to overlap with.
+#ifdef BNORM_WIDE_ROW
+inline constexpr Index kWideRow = BNORM_WIDE_ROW;
+#else
+inline constexpr Index kWideRow = 16;
+#endif
+
 /// Step's sums of `width` positions over the R rows row[0..R) of a block (rows `pitch` values
-/// apart) into the accumulators acc (set s of sum q at acc[(2 * s + q) * stride]), row[j] into
-/// set (S + j) % 2, centered on near[].
-template <class Step, int R, int S, class T>
+/// apart), centered on near[], added to the accumulators acc (set s of sum q at
+/// acc[(2 * s + q) * stride]; row[j] into set (S + j) % kSets), or written there if kFresh.
+template <class Step, int R, int kSets, int S, bool kFresh, class T>
 void sweep_rows(const T* const* in, Index pitch, Index width, const Index* row, const T* near,
                 T* acc, Index stride) {
   using P = Packet<T>;
@@ -454,9 +467,9 @@ void sweep_rows(const T* const* in, Index pitch, Index width, const Index* row, 
   for (int j = 0; j < R; ++j)
     for (int i = 0; i < Step::kInputs; ++i) at[j][i] = in[i] + row[j] * pitch;
   auto packets = [&](Index c, auto cut) {
-    P sum[2][2];
-    unroll<2>([&](int s) {
-      unroll<2>([&](int q) { sum[s][q] = ei::ploadu<P>(acc + (2 * s + q) * stride + c); });
+    P sum[kSets][2];
+    unroll<2 * kSets>([&](int i) {
+      sum[i / 2][i % 2] = kFresh ? ei::pset1<P>(T(0)) : ei::ploadu<P>(acc + i * stride + c);
     });
     const P k = ei::ploadu<P>(near + c);
     unroll<R>([&](int j) {
@@ -465,11 +478,9 @@ void sweep_rows(const T* const* in, Index pitch, Index width, const Index* row, 
         if constexpr (decltype(cut)::value) v[i] = load_first(at[j][i] + c, width - c);
         else v[i] = ei::ploadu<P>(at[j][i] + c);
       });
-      Step::add(v, k, sum[(S + j) % 2][0], sum[(S + j) % 2][1]);
+      Step::add(v, k, sum[(S + j) % kSets][0], sum[(S + j) % kSets][1]);
     });
-    unroll<2>([&](int s) {
-      unroll<2>([&](int q) { ei::pstoreu(acc + (2 * s + q) * stride + c, sum[s][q]); });
-    });
+    unroll<2 * kSets>([&](int i) { ei::pstoreu(acc + i * stride + c, sum[i / 2][i % 2]); });
   };
   Index c = 0;
   for (; c + L <= width; c += L) packets(c, std::false_type{});
@@ -512,34 +523,43 @@ void sweep_across(const T* const* in, Index pitch, Index C, Index inner, Index r
   const Index stride = padded<T>(width);  // a whole number of packets of T, and so of doubles
   T* acc = scratch.values + stride;
   double* sums = scratch.sums;  // sum q of position p at sums[q * stride + p]
-  std::fill_n(sums, 2 * stride, 0.0);
-  constexpr Index sub = 2 * kTermsInT;  // also in double: short chains of additions err less
-  for (Index r0 = 0; r0 < rows; r0 += sub) {
-    const Index r1 = std::min(rows, r0 + sub);
-    std::fill_n(acc, 4 * stride, T(0));
-    // R rows at a time, one from each R-th of the sub-block: eight streams far apart (R per
-    // input) keep more memory requests in flight than one, and moments load and store their
-    // accumulators once per eight rows (four was 3-10% slower on most shapes, 4% faster on
-    // 100 x 128 channels).
-    constexpr int R = 8 / Step::kInputs;
-    const Index q = (r1 - r0) / R;
-    for (Index r = r0; r < r0 + q; ++r) {
-      Index row[R];
-      for (int j = 0; j < R; ++j) row[j] = r + j * q;
-      sweep_rows<Step, R, 0>(in, pitch, width, row, near, acc, stride);
-    }
-    for (Index r = r0 + R * q; r < r1; ++r) {
-      if ((r - r0) % 2 == 0) sweep_rows<Step, 1, 0>(in, pitch, width, &r, near, acc, stride);
-      else sweep_rows<Step, 1, 1>(in, pitch, width, &r, near, acc, stride);
-    }
-    for (int q = 0; q < 2; ++q) {  // sum q += set 0's + set 1's
-      for (Index c = 0; c < stride; c += kWideLanes) {
-        const Wide sets = ei::padd(load_wide(acc + q * stride + c),
-                                   load_wide(acc + (2 + q) * stride + c));
-        ei::pstoreu(sums + q * stride + c, ei::padd(ei::ploadu<Wide>(sums + q * stride + c), sets));
+  // Each set of accumulators in T takes at most kTermsInT rows of a sub-block before they are
+  // added to the sums in double (the first time, written there); the sub-block's first rows
+  // write them. Rows go into one set, or into two in turn where rows are narrow (see kWideRow).
+  auto run = [&](auto sets) {
+    constexpr int kSets = decltype(sets)::value;
+    constexpr Index sub = kSets * kTermsInT;
+    for (Index r0 = 0; r0 < rows; r0 += sub) {
+      const Index r1 = std::min(rows, r0 + sub);
+      // R rows at a time, one from each R-th of the sub-block: eight streams far apart (R per
+      // input) keep more memory requests in flight than one, and moments load and store their
+      // accumulators once per eight rows (four was 3-10% slower on most shapes, 4% faster on
+      // 100 x 128 channels).
+      constexpr int R = 8 / Step::kInputs;
+      const Index q = (r1 - r0) / R;
+      if (q == 0) std::fill_n(acc, 2 * kSets * stride, T(0));
+      for (Index r = r0; r < r0 + q; ++r) {
+        Index row[R];
+        for (int j = 0; j < R; ++j) row[j] = r + j * q;
+        if (r == r0) sweep_rows<Step, R, kSets, 0, true>(in, pitch, width, row, near, acc, stride);
+        else sweep_rows<Step, R, kSets, 0, false>(in, pitch, width, row, near, acc, stride);
+      }
+      for (Index r = r0 + R * q; r < r1; ++r) {
+        if ((r - r0) % 2 == 0)
+          sweep_rows<Step, 1, kSets, 0, false>(in, pitch, width, &r, near, acc, stride);
+        else
+          sweep_rows<Step, 1, kSets, kSets - 1, false>(in, pitch, width, &r, near, acc, stride);
+      }
+      for (Index c = 0; c < 2 * stride; c += kWideLanes) {  // sums (+)= the sub-block's
+        Wide part = load_wide(acc + c);
+        if constexpr (kSets == 2) part = ei::padd(part, load_wide(acc + 2 * stride + c));
+        ei::pstoreu(sums + c, r0 == 0 ? part : ei::padd(ei::ploadu<Wide>(sums + c), part));
       }
     }
-  }
+  };
+  if (rows == 0) std::fill_n(sums, 2 * stride, 0.0);
+  if (width >= kWideRow * kLanes<T>) run(std::integral_constant<int, 1>{});
+  else run(std::integral_constant<int, 2>{});
   bool finite = true;
   const double count = double(rows * inner);
   for (Index c = 0; c < C; ++c) {
