@@ -449,11 +449,7 @@ Index sweep_sums_size(Index width) {
 /// 113 x 9 positions 0.6-0.8; but on narrow rows it was slower (channels-last training on
 /// 32 x 64 x 56 x 56, from main memory, took 1.3x as long), where a position's additions, which
 /// chain from one group of rows to the next, have few other positions' to overlap with.
-#ifdef BNORM_WIDE_ROW
-inline constexpr Index kWideRow = BNORM_WIDE_ROW;
-#else
 inline constexpr Index kWideRow = 16;
-#endif
 
 /// Step's sums of `width` positions over the R rows row[0..R) of a block (rows `pitch` values
 /// apart), centered on near[], added to the accumulators acc (set s of sum q at
