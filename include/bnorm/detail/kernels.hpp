@@ -1075,11 +1075,32 @@ void split_in(Index first, Index count, Fn& fn) {
   }
 }
 
-/// split_in with K = `parts` (1 or kFarParts).
+/// Passes over far ACROSS data whose table of coefficients is larger than kL1TableBytes, and
+/// that read two inputs (backward), walk kTableParts parts instead of kFarParts. Such a table
+/// does not stay in L1 beside the rows streaming through it (four coefficients of 1024 channels
+/// take 16 KiB of a 32 KiB L1), so its packets come from L2, and each of them serves one run per
+/// part. (On the AMD EPYC VM, channels-last backward's elementwise pass alone, bnorm / memcpy,
+/// over 12.8 MB: 2.2-2.4 with two parts on 1024 and 2048 channels against 1.5 on 512, where the
+/// table fits, and 1.35 with the table cut to 256 channels' worth, wrong results but the same
+/// streams; 1.6-1.9 with four parts, 1.9-2.1 with three. Whole backward passes, medians of 5
+/// interleaved: 32 x 1024 x 14 x 14 0.86x the time, 32 x 2048 x 7 x 7 0.94x. Cutting the rows
+/// into pieces as wide as a table that fits was slower, 2.4-3.4: the reads of a piece's rows jump
+/// from page to page. The forward passes, one input, already run at the pace of their streamed
+/// stores: four parts made them 1.2-1.3x slower; in cache, where more runs only add streams,
+/// so did four parts on backward.)
+inline constexpr int kTableParts = 4;
+inline constexpr Index kL1TableBytes = Index{8} << 10;
+
+/// split_in with K = `parts`: 1, kFarParts, or kMost.
+template <int kMost, class Fn>
+void split_in(int parts, Index first, Index count, Fn fn) {
+  if (parts == kMost) split_in<kMost>(first, count, fn);
+  else if (parts == kFarParts) split_in<kFarParts>(first, count, fn);
+  else split_in<1>(first, count, fn);
+}
 template <class Fn>
 void split_in(int parts, Index first, Index count, Fn fn) {
-  if (parts == kFarParts) split_in<kFarParts>(first, count, fn);
-  else split_in<1>(first, count, fn);
+  split_in<kFarParts>(parts, first, count, fn);
 }
 
 /// A load that follows a store to an address equal in its low 12 bits (4K aliasing) waits for
@@ -1273,11 +1294,14 @@ template <class Op, bool kStream, class T>
 void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>& ws,
                const Eigen::ThreadPoolDevice* device) {
   const T* coef = ws.coefs.data();
-  const int parts = apply_parts(g, Op::kInputs + 1, sizeof(T));
+  int parts = apply_parts(g, Op::kInputs + 1, sizeof(T));
   const Index width = g.channels * g.inner;  // of a row
-  // Rows [r0, r1) in `parts` parts, each one run with coefficients k from its start.
-  auto apply_rows = [&](Index r0, Index r1, const auto& k) {
-    split_in(parts, r0, r1 - r0, [&](const Index* starts, Index rows, auto tag) {
+  // Rows [r0, r1) in `parts` parts (at most `most`), each one run with coefficients k from its
+  // start.
+  using Far = std::integral_constant<int, kFarParts>;
+  auto apply_rows = [&](Index r0, Index r1, const auto& k, auto most) {
+    split_in<decltype(most)::value>(parts, r0, r1 - r0,
+                                    [&](const Index* starts, Index rows, auto tag) {
       constexpr int K = decltype(tag)::value;
       Index off[K];
       for (int j = 0; j < K; ++j) off[j] = starts[j] * width;
@@ -1302,13 +1326,16 @@ void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>
     T* table = apart_from<Op::kInputs + 2>(ws.row_coefs.data(), streams, g.channels);
     const auto k = layout_row_coefs(Op::kCoefs, g.channels, 0, g.channels, 1, coef, table);
     const Blocking bl(g, true);
+    using Most = std::integral_constant<int, Op::kInputs == 2 ? kTableParts : kFarParts>;
+    if (parts == kFarParts && Op::kCoefs * g.channels * Index(sizeof(T)) > kL1TableBytes)
+      parts = Most::value;
     if (whole_blocks(g, bl, device, sizeof(T))) {
       parallel_ranges(device, bl.blocks, [&](Index b0, Index b1) {
         for (Index b = b1; b-- > b0;)
-          apply_rows(b * bl.rows, std::min(g.outer, (b + 1) * bl.rows), k);
+          apply_rows(b * bl.rows, std::min(g.outer, (b + 1) * bl.rows), k, Most{});
       });
     } else {
-      parallel_ranges(device, g.outer, [&](Index r0, Index r1) { apply_rows(r0, r1, k); });
+      parallel_ranges(device, g.outer, [&](Index r0, Index r1) { apply_rows(r0, r1, k, Most{}); });
     }
   } else if (g.inner < kShortRun && (g.inner >= kLanes<T> || permuted)) {
     // Each worker's rows in memory order, as one run (in `parts` parts).
@@ -1320,11 +1347,11 @@ void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>
     const LaneIndex<T>* index = ws.lane_index.data();
     parallel_ranges(device, g.outer, [&](Index r0, Index r1) {
       if (permuted)
-        apply_rows(r0, r1, GroupCoefs<T, Op::kCoefs>(coef, g.channels, g.inner, index));
+        apply_rows(r0, r1, GroupCoefs<T, Op::kCoefs>(coef, g.channels, g.inner, index), Far{});
       else if (g.inner < kSelectPackets * kLanes<T>)
-        apply_rows(r0, r1, SelectCoefs<T, Op::kCoefs>(coef, g.channels, g.inner));
+        apply_rows(r0, r1, SelectCoefs<T, Op::kCoefs>(coef, g.channels, g.inner), Far{});
       else
-        apply_rows(r0, r1, BlendCoefs<T, Op::kCoefs>(coef, g.channels, g.inner));
+        apply_rows(r0, r1, BlendCoefs<T, Op::kCoefs>(coef, g.channels, g.inner), Far{});
     });
   } else if (g.inner < kShortRun) {
     const Index group = chunk_channels<Op, T>(g), groups = (g.channels + group - 1) / group;
