@@ -1,11 +1,11 @@
 // Batch normalization kernels side by side, in one run: bnorm, a memcpy of the same bytes (the
-// roofline), a read of them alone (what each extra pass over the tensor costs at the least), a
-// naive Eigen Tensor expression (what one writes by hand) and oneDNN's batch
-// normalization when it was found at configure time (BNORM_HAVE_DNNL).
+// roofline), the same passes over the same bytes as plain loops (what reading and writing those
+// tensors costs, with no per-channel work), a naive Eigen Tensor expression (what one writes by
+// hand) and oneDNN's batch normalization when it was found at configure time (BNORM_HAVE_DNNL).
 //
 // Names: <impl>/<pass>/<layout>/<shape>/t<threads>, pass in fwd_train, fwd_infer, bwd.
 // Rates are bytes moved per second: forward reads x and writes y (2 tensors), backward reads x
-// and dy and writes dx (3 tensors), memcpy reads and writes one, memread reads one. benchmarks/compare.py turns a
+// and dy and writes dx (3 tensors), memcpy reads and writes one. benchmarks/compare.py turns a
 // run into a table of ratios.
 
 #include <benchmark/benchmark.h>
@@ -170,18 +170,25 @@ void memcpy_bench(benchmark::State& state, const Case& c, int threads) {
   report(state, c, 2);
 }
 
-/// A sum of the tensor's values: the time one pass of reading it takes (Eigen vectorizes it).
-void memread_bench(benchmark::State& state, const Case& c, int threads) {
+/// The passes of `pass` over the same bytes as plain loops, with one scale and shift for the
+/// whole tensor instead of per-channel work: a sum of x (training), or of dy * x (backward), then
+/// y = x * a + b, or dx = dy * a + x * b. What reading and writing those tensors costs at the
+/// least on one thread, with ordinary stores (bnorm streams its output past the cache from 8 MB
+/// on, which these loops do not).
+void loops_bench(benchmark::State& state, const Case& c, const std::string& pass) {
   Data d(c);
+  const Eigen::Map<const Eigen::ArrayXf> x(d.x.data(), c.size()), dy(d.dy.data(), c.size());
+  Eigen::Map<Eigen::ArrayXf> y(d.y.data(), c.size()), dx(d.dx.data(), c.size());
   for (auto _ : state) {
-    float sums[2] = {0, 0};  // of each half
-    in_halves(threads, Index(d.x.size()), [&](Index begin, Index end) {
-      sums[begin == 0 ? 0 : 1] =
-          Eigen::Map<const Eigen::ArrayXf>(d.x.data() + begin, end - begin).sum();
-    });
-    benchmark::DoNotOptimize(sums);
+    float sum = 0;
+    if (pass == "fwd_train") sum = x.sum();
+    if (pass == "bwd") sum = (dy * x).sum();
+    benchmark::DoNotOptimize(sum);
+    if (pass == "bwd") dx = dy * 1.5f + x * 0.25f;
+    else y = x * 1.5f + 0.25f;
+    benchmark::ClobberMemory();
   }
-  report(state, c, 1);
+  report(state, c, pass == "bwd" ? 3 : 2);
 }
 
 /// What a user writes by hand with Eigen Tensor expressions (training forward, 1 thread).
@@ -289,7 +296,10 @@ void register_all() {
     for (int t : {1, 2}) {
       const std::string threads = "/t" + std::to_string(t);
       benchmark::RegisterBenchmark(("memcpy/copy/-/" + shape + threads).c_str(), memcpy_bench, c, t);
-      benchmark::RegisterBenchmark(("memread/read/-/" + shape + threads).c_str(), memread_bench, c, t);
+      for (const char* pass : passes)  // the table compares one thread's
+        if (t == 1)
+          benchmark::RegisterBenchmark(("loops/" + std::string(pass) + "/-/" + shape + threads).c_str(),
+                                       loops_bench, c, std::string(pass));
       for (auto layout : {bnorm::Layout::ChannelsFirst, bnorm::Layout::ChannelsLast}) {
         const std::string lname = layout == bnorm::Layout::ChannelsFirst ? "NCHW" : "NHWC";
         for (const char* pass : passes)

@@ -14,8 +14,9 @@ against itself first: that shows how far entries move with no change at all.
 Every time is a median over the repetitions of one run, in which all implementations ran on the
 same machine, their repetitions interleaved in random order. Given several runs (--json), each
 figure is taken within every run, then its median over the runs is reported. Ratios: bnorm / memcpy (time of bnorm over the time of a memcpy of the
-same tensor: 1.0 is the roofline of a forward), read / memcpy (one read of the tensor, what every
-further pass over it costs at the least), peer / bnorm (above 1: bnorm is faster).
+same tensor: 1.0 is the roofline of a forward), loops / memcpy (the same passes over the same
+bytes as plain loops, with no per-channel work: what reading and writing those tensors costs),
+peer / bnorm (above 1: bnorm is faster).
 oneDNN's figure is its fastest layout for the shape (plain, NHWC or nChw16c).
 """
 import argparse
@@ -85,7 +86,7 @@ def cells(times):
         if impl != "bnorm" or threads != "t1":
             continue
         mem = {t: times.get(("memcpy", "copy", "-", shape, t)) for t in ("t1", "t2")}
-        read = times.get(("memread", "read", "-", shape, "t1"))
+        loops = times.get(("loops", pas, "-", shape, "t1"))
         b2 = times.get(("bnorm", pas, layout, shape, "t2"))
         peers = [times[k] for k in times
                  if k[0] == "onednn" and k[1] == pas and k[3] == shape and k[4] == "t1"]
@@ -93,7 +94,7 @@ def cells(times):
         out[(shape, layout, pas)] = [
             b1,
             b1 / mem["t1"] if mem["t1"] else None,
-            read / mem["t1"] if read and mem["t1"] else None,
+            loops / mem["t1"] if loops and mem["t1"] else None,
             min(peers) / b1 if peers else None,
             naive / b1 if naive else None,
             b1 / b2 if b2 else None,
@@ -115,7 +116,7 @@ def median_of_runs(runs):
 def table(figures, context, runs=1):
     what = "Medians of one run" if runs == 1 else f"Medians over {runs} runs"
     lines = [f"Machine: {machine(context)}. {what}.", ""]
-    lines.append("| shape | layout | pass | bnorm ms (1 thr) | bnorm / memcpy | read / memcpy "
+    lines.append("| shape | layout | pass | bnorm ms (1 thr) | bnorm / memcpy | loops / memcpy "
                  "| oneDNN best / bnorm | naive Eigen / bnorm | 2 thr speedup "
                  "| bnorm 2 thr / memcpy 2 thr |")
     lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
