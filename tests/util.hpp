@@ -73,12 +73,17 @@ constexpr double tolerance() {
   return std::is_same_v<T, float> ? 2e-5 : 1e-11;
 }
 
-/// Every element of `actual` is within `tol` of `expected`, relative to the element and to the
-/// array's largest magnitude, and (for sums, see check_sum_close) to an eighth of terms[i].
+/// Every element of `actual` is within tolerance<T>() of `expected`, relative to the element
+/// and to the array's largest magnitude, and also to an eighth of terms[i] where element i is a
+/// sum whose terms' magnitudes add up to terms[i] (no terms: none). A sum's rounding error grows
+/// with its terms, which may cancel to a result far smaller than any of them: a float gradient of
+/// 0.0017 from terms of 4.9 in all was off by 1e-7 (0.17 ulps of 4.9) and failed the relative
+/// check at one seed in 300. Over 60 seeds of the backward test, the kernels' sums were off by at
+/// most 2.4 float ulps of their terms; an eighth of the float tolerance is 21.
 template <class T>
-void check_close(const std::vector<T>& actual, const std::vector<double>& expected,
-                 const std::string& what, double tol = tolerance<T>(),
-                 const std::vector<double>& terms = {}) {
+void check_sum_close(const std::vector<T>& actual, const std::vector<double>& expected,
+                     const std::vector<double>& terms, const std::string& what) {
+  const double tol = tolerance<T>();
   REQUIRE(actual.size() == expected.size());
   REQUIRE((terms.empty() || terms.size() == expected.size()));
   double scale = 0;
@@ -95,16 +100,11 @@ void check_close(const std::vector<T>& actual, const std::vector<double>& expect
   SUCCEED(what << ": " << actual.size() << " values within " << tol);
 }
 
-/// check_close for sums, whose element i adds up terms of magnitudes summing to terms[i]: also
-/// within an eighth of the tolerance relative to terms[i]. A sum's rounding error grows with
-/// its terms, which may cancel to a result far smaller than any of them: a float gradient of
-/// 0.0017 from terms of 4.9 in all was off by 1e-7 (0.17 ulps of 4.9) and failed the relative
-/// check at one seed in 300. Over 60 seeds of the backward test, the kernels' sums were off by at
-/// most 2.4 float ulps of their terms; an eighth of the float tolerance is 21.
+/// check_sum_close for values that are not sums of terms.
 template <class T>
-void check_sum_close(const std::vector<T>& actual, const std::vector<double>& expected,
-                     const std::vector<double>& terms, const std::string& what) {
-  check_close(actual, expected, what, tolerance<T>(), terms);
+void check_close(const std::vector<T>& actual, const std::vector<double>& expected,
+                 const std::string& what) {
+  check_sum_close(actual, expected, {}, what);
 }
 
 /// The first element of `storage` on a page (4 KiB) boundary; storage must span two pages.
