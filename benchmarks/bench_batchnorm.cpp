@@ -143,20 +143,11 @@ void bnorm_bench(benchmark::State& state, const Case& c, bnorm::Layout layout,
 }
 
 /// fn(begin, end) over [0, n): whole on the calling thread, or in halves, the second half on
-/// the pool's thread (the roofline benchmarks split their bytes as bnorm's workers do).
+/// the pool's thread, handed out by the function bnorm's kernels use: the roofline splits its
+/// bytes as bnorm's workers do, and pays the same to wake its worker and wait for it.
 template <class Fn>
 void in_halves(int threads, Index n, const Fn& fn) {
-  if (threads == 1) {
-    fn(Index{0}, n);
-    return;
-  }
-  Eigen::Barrier done(1);
-  device(threads)->enqueueNoNotification([&] {
-    fn(n / 2, n);
-    done.Notify();
-  });
-  fn(Index{0}, n / 2);
-  done.Wait();
+  bnorm::detail::parallel_ranges(device(threads), n, fn);
 }
 
 void memcpy_bench(benchmark::State& state, const Case& c, int threads) {

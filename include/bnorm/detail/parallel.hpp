@@ -6,8 +6,14 @@
 // results are identical for any number of threads. This file only hands pieces out.
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 
 #include "simd.hpp"
+
+#if defined(__x86_64__) || defined(__i386__) || defined(_M_X64) || defined(_M_IX86)
+#include <emmintrin.h>
+#endif
 
 namespace bnorm::detail {
 
@@ -15,6 +21,26 @@ namespace bnorm::detail {
 inline Index workers(const Eigen::ThreadPoolDevice* device) {
   return device == nullptr ? 1 : std::max<Index>(1, device->numThreads());
 }
+
+/// Tells the core that this thread is polling (x86 PAUSE, Arm YIELD), which frees its resources
+/// for the other thread of the core.
+inline void spin_pause() {
+#if defined(__x86_64__) || defined(__i386__) || defined(_M_X64) || defined(_M_IX86)
+  _mm_pause();
+#elif defined(__GNUC__) && (defined(__aarch64__) || defined(__arm__))
+  __asm__ __volatile__("yield");
+#endif
+}
+
+/// How long the calling thread, its own range done, polls for the workers to finish theirs
+/// before it blocks. The ranges are even, so the workers are seldom far behind, and a thread that
+/// blocks pays a wake-up when they finish, and its workers, idle meanwhile, may fall asleep before
+/// the next call hands them work. (On the AMD EPYC VM, 2 threads, medians of 7 runs of two builds
+/// in turn, time with polling / without: channels-first training 0.65x on 32 x 512 x 7 x 7,
+/// 0.81x on 32 x 1024 x 3 x 3, 0.91x on 32 x 128 x 28 x 28; 4096 x 1024 training 0.90x,
+/// backward 0.94x; channels-last 32 x 1024 x 3 x 3 backward 0.67x.) OpenMP runtimes poll for
+/// far longer by default.
+inline constexpr std::chrono::microseconds kPollFor{200};
 
 /// Calls fn(worker, begin, end) on contiguous ranges that cover [0, count): one range per worker,
 /// the first (worker 0) on the calling thread. Worker w always gets the same range for the same
@@ -31,20 +57,27 @@ void parallel_workers(const Eigen::ThreadPoolDevice* device, Index count, const 
   struct Job {
     const Fn* fn;
     Index count, n;
-    Eigen::Barrier done;
+    std::atomic<Index> running;  // workers not yet done, for polling
+    Eigen::Barrier done;         // for blocking
     void run(Index w) const {
       (*fn)(w, count * w / n, count * (w + 1) / n);
     }
-  } job{&fn, count, n, Eigen::Barrier(static_cast<unsigned>(n - 1))};
+  } job{&fn, count, n, {n - 1}, Eigen::Barrier(static_cast<unsigned>(n - 1))};
   for (Index w = 1; w < n; ++w) {
     Job* j = &job;
     device->enqueueNoNotification([j, w] {
       j->run(w);
+      j->running.fetch_sub(1, std::memory_order_release);
       j->done.Notify();
     });
   }
   job.run(0);
-  job.done.Wait();
+  const auto until = std::chrono::steady_clock::now() + kPollFor;
+  while (job.running.load(std::memory_order_acquire) > 0) {
+    for (int i = 0; i < 8; ++i) spin_pause();
+    if (std::chrono::steady_clock::now() > until) break;
+  }
+  job.done.Wait();  // returns at once where every worker has notified
 }
 
 /// parallel_workers for work that does not need to know its worker.
