@@ -2,7 +2,10 @@
 // path: vectorized along runs and across channels, tails, long rows cut into pieces, many
 // blocks, fused and split threading; and bit-identical results for any number of threads.
 
+#include <atomic>
+#include <chrono>
 #include <cstdint>
+#include <thread>
 #include <utility>
 
 #include "util.hpp"
@@ -367,6 +370,35 @@ TEMPLATE_TEST_CASE("reduction tables lie in the widest gap between the rows modu
       CHECK(got < room + page);
       CHECK(offset(got) % 64 == 0);
       CHECK(offset(got) % c.period == c.want);
+    }
+  }
+}
+
+TEST_CASE("parallel_workers waits for every worker, whether it finishes first or last",
+          "[functional]") {
+  // The calling thread does worker 0's range, polls for the others' for a while, then blocks.
+  // Each range must be run once, by its worker, and all of them before the call returns: with
+  // the workers done long before the calling thread, and long after its polling ends.
+  using bnorm::detail::kPollFor;
+  for (const int workers : {2, 3}) {
+    const testing::Pool pool(workers);
+    for (const bool workers_late : {false, true}) {
+      INFO(workers << " workers, " << (workers_late ? "the workers" : "the caller") << " late");
+      const Index count = 1001;
+      std::vector<std::atomic<int>> runs(static_cast<std::size_t>(count));
+      std::vector<std::atomic<Index>> worker_of(static_cast<std::size_t>(count));
+      bnorm::detail::parallel_workers(pool.device.get(), count, [&](Index w, Index begin, Index end) {
+        if ((w > 0) == workers_late) std::this_thread::sleep_for(3 * kPollFor);
+        for (Index i = begin; i < end; ++i) {
+          runs[std::size_t(i)] += 1;
+          worker_of[std::size_t(i)] = w;
+        }
+      });
+      Index wrong = 0;
+      for (Index w = 0; w < workers; ++w)  // worker w's range, as parallel_workers promises
+        for (Index i = count * w / workers; i < count * (w + 1) / workers; ++i)
+          wrong += runs[std::size_t(i)] != 1 || worker_of[std::size_t(i)] != w;
+      CHECK(wrong == 0);
     }
   }
 }

@@ -662,7 +662,7 @@ Index row_sums_size(Index C) {
 /// go side by side (then two, then one, at the end of a flush), each into sums of its own: more
 /// loads in flight per channel than two rows give, for the same loads and stores of its sums.
 /// (Four rather than two, on the AMD EPYC VM, medians of 7 runs of two builds in turn, 1 thread:
-/// 0.92-0.95x the time on 128 x 256 x 25 channels-first, 0.97-0.99x on 32 x 512 x 7 x 7,
+/// 0.92-0.95x the time on 128 x 256 x 25 channels-first, 0.97-1.01x on 32 x 512 x 7 x 7,
 /// 32 x 1024 x 14 x 14 and 64 x 128 x 100.) A channel's sums in T add up `flush` rows, at most
 /// kTermsInT values per lane, before they are added lane by lane to its sums in double (at
 /// wide), whose lanes are added up at the end. A channel whose sums are not finite is summed
