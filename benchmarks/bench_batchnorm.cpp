@@ -142,18 +142,12 @@ void bnorm_bench(benchmark::State& state, const Case& c, bnorm::Layout layout,
   report(state, c, pass == "bwd" ? 3 : 2);
 }
 
-/// fn(begin, end) over [0, n): whole on the calling thread, or in halves, the second half on
-/// the pool's thread, handed out by the function bnorm's kernels use: the roofline splits its
-/// bytes as bnorm's workers do, and pays the same to wake its worker and wait for it.
-template <class Fn>
-void in_halves(int threads, Index n, const Fn& fn) {
-  bnorm::detail::parallel_ranges(device(threads), n, fn);
-}
-
 void memcpy_bench(benchmark::State& state, const Case& c, int threads) {
   Data d(c);
   for (auto _ : state) {
-    in_halves(threads, Index(d.x.size()), [&](Index begin, Index end) {
+    // Split as bnorm's kernels split their work, by the same function: the roofline pays what
+    // bnorm pays to wake its worker and wait for it.
+    bnorm::detail::parallel_ranges(device(threads), Index(d.x.size()), [&](Index begin, Index end) {
       std::memcpy(d.y.data() + begin, d.x.data() + begin, std::size_t(end - begin) * sizeof(float));
     });
     benchmark::ClobberMemory();

@@ -387,13 +387,14 @@ TEST_CASE("parallel_workers waits for every worker, whether it finishes first or
       const Index count = 1001;
       std::vector<std::atomic<int>> runs(static_cast<std::size_t>(count));
       std::vector<std::atomic<Index>> worker_of(static_cast<std::size_t>(count));
-      bnorm::detail::parallel_workers(pool.device.get(), count, [&](Index w, Index begin, Index end) {
+      const auto run = [&](Index w, Index begin, Index end) {
         if ((w > 0) == workers_late) std::this_thread::sleep_for(3 * kPollFor);
         for (Index i = begin; i < end; ++i) {
           runs[std::size_t(i)] += 1;
           worker_of[std::size_t(i)] = w;
         }
-      });
+      };
+      bnorm::detail::parallel_workers(pool.device.get(), count, run);
       Index wrong = 0;
       for (Index w = 0; w < workers; ++w)  // worker w's range, as parallel_workers promises
         for (Index i = count * w / workers; i < count * (w + 1) / workers; ++i)
