@@ -849,13 +849,14 @@ struct RunCoefs {
 /// rows), with inner >= kLanes: a packet then holds the values of at most two channels, and takes
 /// its coefficients from their broadcasts, blended where the channels meet. Unlike RowCoefs,
 /// this needs no table of every position's coefficients, so a run can span any number of
-/// channels and the pass walks memory in order.
+/// channels and the pass walks memory in order. A run may also cover a row's channels
+/// [c0, c0 + channels) alone: coef then points at c0's, with `stride` the row's channel count.
 template <class T, int kCoefs>
 struct BlendCoefs {
   using P = Packet<T>;
   static constexpr Index L = kLanes<T>;
   const T* coef;
-  Index channels, inner;
+  Index channels, inner, stride;
   Index c = 0;     // channel of the current element
   Index left = 0;  // values of channel c from the current element on
   P lane = ei::plset<P>(T(0));  // 0, 1, 2, ...
@@ -863,14 +864,16 @@ struct BlendCoefs {
   P last[kCoefs];  // of the last packet that starts in channel c: now and then blended
 
   BlendCoefs(const T* coef_, Index channels_, Index inner_)
-      : coef(coef_), channels(channels_), inner(inner_), left(inner_) {
+      : BlendCoefs(coef_, channels_, inner_, channels_) {}
+  BlendCoefs(const T* coef_, Index channels_, Index inner_, Index stride_)
+      : coef(coef_), channels(channels_), inner(inner_), stride(stride_), left(inner_) {
     assert(inner >= L);
     load(now, 0);
     load(then, 1 % channels);
     blend();
   }
   void load(P* to, Index channel) {
-    for (int j = 0; j < kCoefs; ++j) to[j] = ei::pset1<P>(coef[j * channels + channel]);
+    for (int j = 0; j < kCoefs; ++j) to[j] = ei::pset1<P>(coef[j * stride + channel]);
   }
   void blend() {
     const P mine = ei::pcmp_lt(lane, ei::pset1<P>(T((left - 1) % L + 1)));
@@ -1040,6 +1043,9 @@ inline constexpr Index kStreamBytes = Index{8} << 20;
 /// may report another through CPUID, which Eigen reads (on an AMD EPYC VM, 320 MiB for a cache
 /// of 32 MiB).
 inline Index last_level_cache_bytes() {
+#ifdef BNORM_CACHE_BYTES
+  return BNORM_CACHE_BYTES;  // for tests: the tests' tensors then take the paths of large ones
+#endif
   static const Index bytes = [] {
     Index kib = 0;
 #if defined(__linux__)
@@ -1245,18 +1251,24 @@ template <class Op, bool kStream, class T>
 void apply_along(const Geometry& g, const Streams<T, Op::kInputs>& s, const T* coef, Index o0,
                  Index o1, Index c0, Index c1, int parts) {
   // A row's channels go as one run where no packet straddles two of them: runs of a multiple of
-  // the packet size, and no cut first packet (apply_runs aligns its stores). Else a run per
-  // channel.
+  // the packet size, and no cut first packet (apply_runs aligns its stores); or where packets
+  // take their coefficients blended from two channels' (short runs). Else a run per channel.
   const bool whole_rows = g.inner % kLanes<T> == 0 &&
                           reinterpret_cast<std::uintptr_t>(s.out) % sizeof(Packet<T>) == 0;
+  const bool blended = !whole_rows && g.inner >= kLanes<T> && g.inner < kShortRun;
   split_in(parts, o0, o1 - o0, [&](const Index* starts, Index rows, auto tag) {
     constexpr int K = decltype(tag)::value;
     for (Index o = 0; o < rows; ++o) {
-      for (Index c = c0; c < c1; c = whole_rows ? c1 : c + 1) {
+      for (Index c = c0; c < c1; c = whole_rows || blended ? c1 : c + 1) {
         Index off[K];
         for (int j = 0; j < K; ++j) off[j] = ((starts[j] + o) * g.channels + c) * g.inner;
-        apply_runs<Op, kStream, K>(s, off, (whole_rows ? c1 - c : 1) * g.inner,
-                                   RunCoefs<T, Op::kCoefs>(coef, g.channels, c, g.inner));
+        if (blended)
+          apply_runs<Op, kStream, K>(
+              s, off, (c1 - c) * g.inner,
+              BlendCoefs<T, Op::kCoefs>(coef + c, c1 - c, g.inner, g.channels));
+        else
+          apply_runs<Op, kStream, K>(s, off, (whole_rows ? c1 - c : 1) * g.inner,
+                                     RunCoefs<T, Op::kCoefs>(coef, g.channels, c, g.inner));
       }
     }
   });
@@ -1434,6 +1446,20 @@ inline Index channels_per_group(const Geometry& g, int inputs, std::size_t eleme
   return std::max<Index>(1, room / std::max<Index>(bytes, 1));
 }
 
+/// Whether runs short enough for row order (see in_row_order) go in groups of channels too:
+/// where a reduction reads two inputs (backward) and they do not fit in the last-level cache
+/// together. The elementwise pass, which reads both again for every value it writes, then finds
+/// them in cache instead of memory. (On the AMD EPYC VM, medians of 7 to 9 runs of two builds in
+/// turn, backward, 1 thread: 32 x 512 x 28 x 28 0.88-0.92x the time, 2 threads 0.84x;
+/// 64 x 1024 x 14 x 14 0.88x; on inputs of twice the cache, 32 x 1024 x 14 x 14, 64 x 512 x 14 x 14
+/// and 128 x 512 x 7 x 7, 0.96-0.99x. Training, whose one input is read again while its output
+/// streams to memory, took 1.05-1.12x as long on 32 x 512 x 28 x 28 in groups.)
+template <int kReduceInputs>
+bool rows_in_groups(const Geometry& g, std::size_t element_bytes) {
+  return kReduceInputs > 1 &&
+         g.size() * kReduceInputs * Index(element_bytes) > last_level_cache_bytes();
+}
+
 /// Step 2 hands finish() the totals of at most this many channels at a time, so that its work
 /// per channel (square roots and divisions) runs as vector loops: the work per channel, one
 /// channel after another, took about a quarter of a (256, 512) forward.
@@ -1481,7 +1507,8 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
   T* coef = ws.coefs.data();
   ws.partials.resize(std::size_t(C * bl.blocks));
   Partial* part = ws.partials.data();  // block b's of channel c at part[b * C + c]
-  const bool by_groups = !swept && (workers(device) == 1 || C >= 4 * workers(device));
+  const bool by_groups = (!swept || (by_rows && rows_in_groups<kReduceInputs>(g, sizeof(T)))) &&
+                         (workers(device) == 1 || C >= 4 * workers(device));
 
   // Step 2 for channels [c0, c1): blocks merged into block 0's partials, in block order.
   auto merge_and_finish = [&](Index c0, Index c1) {
@@ -1542,20 +1569,27 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
     // whose data the elementwise pass then reads back from cache.
     const int parts = apply_parts(g, Op::kInputs + 1, sizeof(T));
     const Index group = channels_per_group(g, kReduceInputs, sizeof(T), workers(device));
+    const auto scratch = scratch_room(by_rows ? row_values_size<T>(group) : 0,
+                                      by_rows ? row_sums_size<T>(group) : 0);
     auto run = [&](auto streaming) {
       constexpr bool kStream = decltype(streaming)::value;
-      parallel_workers(device, C, [&](Index, Index c0, Index c1) {
+      parallel_workers(device, C, [&](Index worker, Index c0, Index c1) {
         // A group is reduced whole, then applied. (Reducing the next group while applying this
         // one, a row in proportion at a time, took 1.02-1.13x as long: on the AMD EPYC VM,
         // medians of 7 runs of two builds in turn, 1 thread, 32 x 64 x 112 x 112 backward 1.13x,
-        // 32 x 256 x 56 x 56 training 1.08x, backward 1.03x.) The reduction walks a group's
-        // blocks row by row and, within a row, channel by channel: in memory order, since the
-        // channels of a row lie one after the other.
+        // 32 x 256 x 56 x 56 training 1.08x, backward 1.03x; in pieces of 1024 to 4096 values of
+        // a run, 1.09-1.32x.) The reduction walks a group's blocks row by row and, within a row,
+        // channel by channel: in memory order, since the channels of a row lie one after the
+        // other (in row order, see row_sums, or run by run).
         for (Index gc0 = c0; gc0 < c1; gc0 += group) {
           const Index gc1 = std::min(gc0 + group, c1), n = gc1 - gc0;
-          for (Index i = 0; i < n * bl.blocks; ++i) {
-            const Index row = i / (n * bl.pieces), c = gc0 + i / bl.pieces % n;
-            reduce_runs(row * bl.pieces + i % bl.pieces, c, c + 1);
+          if (by_rows) {
+            for (Index b = 0; b < bl.blocks; ++b) reduce(scratch(worker), b, gc0, gc1);
+          } else {
+            for (Index i = 0; i < n * bl.blocks; ++i) {
+              const Index row = i / (n * bl.pieces), c = gc0 + i / bl.pieces % n;
+              reduce_runs(row * bl.pieces + i % bl.pieces, c, c + 1);
+            }
           }
           merge_and_finish(gc0, gc1);
           apply_along<Op, kStream>(g, s, coef, 0, g.outer, gc0, gc1, parts);
