@@ -155,22 +155,45 @@ void memcpy_bench(benchmark::State& state, const Case& c, int threads) {
   report(state, c, 2);
 }
 
+/// out[i] = a * u[i] + b * v[i] (v == nullptr: a * u[i] + b), stored past the cache.
+void streamed_pass(float* out, const float* u, const float* v, float a, float b, Index n) {
+  namespace bd = bnorm::detail;
+  using P = bd::Packet<float>;
+  const P pa = Eigen::internal::pset1<P>(a), pb = Eigen::internal::pset1<P>(b);
+  Index i = 0;
+  for (; i + bd::kLanes<float> <= n; i += bd::kLanes<float>) {  // buffers start on a page
+    const P uu = Eigen::internal::pload<P>(u + i);
+    const P vv = v ? Eigen::internal::pload<P>(v + i) : Eigen::internal::pset1<P>(1.f);
+    bd::stream_store(out + i, Eigen::internal::pmadd(uu, pa, Eigen::internal::pmul(vv, pb)));
+  }
+  bd::stream_fence();
+  for (; i < n; ++i) out[i] = u[i] * a + (v ? v[i] : 1.f) * b;
+}
+
 /// The passes of `pass` over the same bytes as plain loops, with one scale and shift for the
 /// whole tensor instead of per-channel work: a sum of x (training), or of dy * x (backward), then
 /// y = x * a + b, or dx = dy * a + x * b. What reading and writing those tensors costs at the
-/// least on one thread, with ordinary stores (bnorm streams its output past the cache from 8 MB
-/// on, which these loops do not).
+/// least on one thread, with bnorm's choice of stores: past the cache for outputs of 8 MiB and
+/// more (kStreamBytes), ordinary ones below. (The loops read their inputs from memory twice
+/// where they exceed the cache; bnorm reads channels-first data in groups whose second read
+/// comes from cache.)
 void loops_bench(benchmark::State& state, const Case& c, const std::string& pass) {
   Data d(c);
   const Eigen::Map<const Eigen::ArrayXf> x(d.x.data(), c.size()), dy(d.dy.data(), c.size());
   Eigen::Map<Eigen::ArrayXf> y(d.y.data(), c.size()), dx(d.dx.data(), c.size());
+  const bool stream = c.size() * Index(sizeof(float)) >= bnorm::detail::kStreamBytes;
   for (auto _ : state) {
     float sum = 0;
     if (pass == "fwd_train") sum = x.sum();
     if (pass == "bwd") sum = (dy * x).sum();
     benchmark::DoNotOptimize(sum);
-    if (pass == "bwd") dx = dy * 1.5f + x * 0.25f;
-    else y = x * 1.5f + 0.25f;
+    if (pass == "bwd") {
+      if (stream) streamed_pass(d.dx.data(), d.dy.data(), d.x.data(), 1.5f, 0.25f, c.size());
+      else dx = dy * 1.5f + x * 0.25f;
+    } else {
+      if (stream) streamed_pass(d.y.data(), d.x.data(), nullptr, 1.5f, 0.25f, c.size());
+      else y = x * 1.5f + 0.25f;
+    }
     benchmark::ClobberMemory();
   }
   report(state, c, pass == "bwd" ? 3 : 2);

@@ -1449,8 +1449,8 @@ inline Index channels_per_group(const Geometry& g, int inputs, std::size_t eleme
 /// Whether runs short enough for row order (see in_row_order) go in groups of channels too:
 /// where a reduction reads two inputs (backward) and they do not fit in the last-level cache
 /// together. The elementwise pass, which reads both again for every value it writes, then finds
-/// them in cache instead of memory. (On the AMD EPYC VM, medians of 7 to 9 runs of two builds in
-/// turn, backward, 1 thread: 32 x 512 x 28 x 28 0.88-0.92x the time, 2 threads 0.84x;
+/// them in cache instead of memory. (On the AMD EPYC VM, medians of 5 to 9 runs of two builds in
+/// turn, backward, 1 thread: 32 x 512 x 28 x 28 0.88-0.92x the time, 2 threads 0.76-0.84x;
 /// 64 x 1024 x 14 x 14 0.88x; on inputs of twice the cache, 32 x 1024 x 14 x 14, 64 x 512 x 14 x 14
 /// and 128 x 512 x 7 x 7, 0.96-0.99x. Training, whose one input is read again while its output
 /// streams to memory, took 1.05-1.12x as long on 32 x 512 x 28 x 28 in groups.)
