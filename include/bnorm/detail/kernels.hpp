@@ -1454,10 +1454,8 @@ inline Index channels_per_group(const Geometry& g, int inputs, std::size_t eleme
 /// 64 x 1024 x 14 x 14 0.88x; on inputs of twice the cache, 32 x 1024 x 14 x 14, 64 x 512 x 14 x 14
 /// and 128 x 512 x 7 x 7, 0.96-0.99x. Training, whose one input is read again while its output
 /// streams to memory, took 1.05-1.12x as long on 32 x 512 x 28 x 28 in groups.)
-template <int kReduceInputs>
-bool rows_in_groups(const Geometry& g, std::size_t element_bytes) {
-  return kReduceInputs > 1 &&
-         g.size() * kReduceInputs * Index(element_bytes) > last_level_cache_bytes();
+inline bool rows_in_groups(const Geometry& g, int inputs, std::size_t element_bytes) {
+  return inputs > 1 && g.size() * inputs * Index(element_bytes) > last_level_cache_bytes();
 }
 
 /// Step 2 hands finish() the totals of at most this many channels at a time, so that its work
@@ -1507,7 +1505,7 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
   T* coef = ws.coefs.data();
   ws.partials.resize(std::size_t(C * bl.blocks));
   Partial* part = ws.partials.data();  // block b's of channel c at part[b * C + c]
-  const bool by_groups = (!swept || (by_rows && rows_in_groups<kReduceInputs>(g, sizeof(T)))) &&
+  const bool by_groups = (!swept || (by_rows && rows_in_groups(g, kReduceInputs, sizeof(T)))) &&
                          (workers(device) == 1 || C >= 4 * workers(device));
 
   // Step 2 for channels [c0, c1): blocks merged into block 0's partials, in block order.
