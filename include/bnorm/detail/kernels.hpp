@@ -451,6 +451,14 @@ Index sweep_sums_size(Index width) {
 /// chain from one group of rows to the next, have few other positions' to overlap with.
 inline constexpr Index kWideRow = 16;
 
+/// The sets of accumulators for a sweep of rows of `row_width` positions: decided by the whole
+/// row, never by the part of it one worker sweeps, so that a channel's sums do not depend on how
+/// the channels are split over the workers.
+template <class T>
+int sweep_sets(Index row_width) {
+  return row_width >= kWideRow * kLanes<T> ? 1 : 2;
+}
+
 /// Step's sums of `width` positions over the R rows row[0..R) of a block (rows `pitch` values
 /// apart), centered on near[], added to the accumulators acc (set s of sum q at
 /// acc[(2 * s + q) * stride]; row[j] into set (S + j) % kSets), or written there if kFresh.
@@ -509,11 +517,12 @@ Partial sums_in_double(const T* const* in, Index pitch, Index rows, Index first,
 }
 
 /// Step's sums over a block of `rows` rows (`pitch` values apart) for C channels of `inner`
-/// positions, position p centered on near[p], into out[c]. near[] may be the first part of
-/// scratch.values. A channel whose sums in T are not finite (values near T's maximum, NaN, inf)
-/// is summed again in double on its own, so it cannot change another channel's bits.
+/// positions, position p centered on near[p], into out[c], with `sets` sets of accumulators (see
+/// sweep_sets). near[] may be the first part of scratch.values. A channel whose sums in T are not
+/// finite (values near T's maximum, NaN, inf) is summed again in double on its own, so it cannot
+/// change another channel's bits.
 template <class Step, class T>
-void sweep_across(const T* const* in, Index pitch, Index C, Index inner, Index rows,
+void sweep_across(const T* const* in, Index pitch, Index C, Index inner, Index rows, int sets,
                   const T* near, SweepScratch<T> scratch, Partial* out) {
   const Index width = C * inner;
   const Index stride = padded<T>(width);  // a whole number of packets of T, and so of doubles
@@ -554,7 +563,7 @@ void sweep_across(const T* const* in, Index pitch, Index C, Index inner, Index r
     }
   };
   if (rows == 0) std::fill_n(sums, 2 * stride, 0.0);
-  if (width >= kWideRow * kLanes<T>) run(std::integral_constant<int, 1>{});
+  if (sets == 1) run(std::integral_constant<int, 1>{});
   else run(std::integral_constant<int, 2>{});
   bool finite = true;
   const double count = double(rows * inner);
@@ -580,12 +589,12 @@ void spread(const V* value, Index C, Index inner, T* table) {
 
 /// Step's sums over a block of rows, centered on center[c] (see sweep_across).
 template <class Step, class T>
-void step_sums_across(const T* const* in, Index pitch, Index C, Index inner, Index rows,
+void step_sums_across(const T* const* in, Index pitch, Index C, Index inner, Index rows, int sets,
                       const double* center, SweepScratch<T> scratch, Partial* out) {
   scratch.values = apart_from<Step::kInputs>(scratch.values, in, pitch);
   T* near = scratch.values;  // the centers rounded to T: subtractions near them are exact
   spread(center, C, inner, near);
-  sweep_across<Step>(in, pitch, C, inner, rows, near, scratch, out);
+  sweep_across<Step>(in, pitch, C, inner, rows, sets, near, scratch, out);
   for (Index c = 0; c < C; ++c)
     out[c] = Step::recenter(out[c], double(near[c * inner]), center[c]);
 }
@@ -593,7 +602,7 @@ void step_sums_across(const T* const* in, Index pitch, Index C, Index inner, Ind
 /// Moments over a block of rows in one pass: a channel's shift is the mean of its first
 /// positions of its first rows, at least 16 values where the block has them (see shift_of).
 template <class T>
-void moments_across(const T* x, Index pitch, Index C, Index inner, Index rows,
+void moments_across(const T* x, Index pitch, Index C, Index inner, Index rows, int sets,
                     SweepScratch<T> scratch, Partial* out) {
   using P = Packet<T>;
   constexpr Index L = kLanes<T>;
@@ -625,7 +634,7 @@ void moments_across(const T* x, Index pitch, Index C, Index inner, Index rows,
     if (!std::isfinite(shift[c])) shift[c] = std::isfinite(x[c * inner]) ? x[c * inner] : T(0);
   if (inner > 1)  // from the last channel down: channel c's value is read before it is covered
     for (Index c = C; c-- > 0;) std::fill_n(shift + c * inner, inner, shift[c]);
-  sweep_across<CenteredSums>(&x, pitch, C, inner, rows, shift, scratch, out);
+  sweep_across<CenteredSums>(&x, pitch, C, inner, rows, sets, shift, scratch, out);
   const double inverse = 1.0 / double(rows * inner);  // every channel's count
   for (Index c = 0; c < C; ++c)
     out[c] = centered_to_moments(out[c], double(shift[c * inner]), inverse);
@@ -1501,6 +1510,10 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
   const bool by_rows = in_row_order<T>(g);
   const bool swept = by_rows || g.inner < kShortRun;  // a row of channels at a time (or ACROSS)
   const Blocking bl(g, swept);
+  // Channels a sweep covers: all of them ACROSS, a piece as wide as kSweepWidth ALONG. A worker
+  // may sweep fewer, but every sweep takes its accumulator sets from this width (sweep_sets).
+  const Index sweep_piece = g.across() ? C : std::max<Index>(1, kSweepWidth / g.inner);
+  const Index swept_width = std::min(C, sweep_piece) * g.inner;
   ws.coefs.resize(std::size_t(Op::kCoefs * C));
   T* coef = ws.coefs.data();
   ws.partials.resize(std::size_t(C * bl.blocks));
@@ -1547,8 +1560,11 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
       else
         step_sums_in_rows<Step>(in, pitch, c1 - c0, g.inner, rows, centers + c0, scratch, out);
     } else {
-      if constexpr (kMoments) moments_across(in[0], pitch, c1 - c0, g.inner, rows, scratch, out);
-      else step_sums_across<Step>(in, pitch, c1 - c0, g.inner, rows, centers + c0, scratch, out);
+      const int sets = sweep_sets<T>(swept_width);
+      if constexpr (kMoments)
+        moments_across(in[0], pitch, c1 - c0, g.inner, rows, sets, scratch, out);
+      else
+        step_sums_across<Step>(in, pitch, c1 - c0, g.inner, rows, sets, centers + c0, scratch, out);
     }
   };
   // Room for `values` values of T and `sums` doubles, per worker.
@@ -1621,9 +1637,9 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
   } else {
     // ALONG: the blocks of pieces of channels, a piece of short runs as wide as a sweep's
     // accumulators stay in L1 for.
-    const Index piece = swept ? std::max<Index>(1, kSweepWidth / g.inner) : 1;
+    const Index piece = swept ? sweep_piece : 1;
     const Index pieces = (C + piece - 1) / piece;
-    const Index width = swept ? std::min(C, piece) * g.inner : 0;
+    const Index width = swept ? swept_width : 0;
     const auto scratch = scratch_room(sweep_values_size<T>(width), sweep_sums_size<T>(width));
     parallel_workers(device, pieces * bl.blocks, [&](Index worker, Index i0, Index i1) {
       for (Index i = i0; i < i1; ++i) {
