@@ -3,10 +3,12 @@
 // tensors costs, with no per-channel work), a naive Eigen Tensor expression (what one writes by
 // hand) and oneDNN's batch normalization when it was found at configure time (BNORM_HAVE_DNNL).
 //
-// Names: <impl>/<pass>/<layout>/<shape>/t<threads>, pass in fwd_train, fwd_infer, bwd.
+// Names: <impl>/<pass>/<layout>/<shape>/t<threads>, pass in fwd_train, fwd_infer, bwd, and step
+// (a training forward, then its backward), which bnorm runs through the functional layer and
+// through a module that keeps no copy of its input (impl "module", Options::save_input = false).
 // Rates are bytes moved per second: forward reads x and writes y (2 tensors), backward reads x
-// and dy and writes dx (3 tensors), memcpy reads and writes one. benchmarks/compare.py turns a
-// run into a table of ratios.
+// and dy and writes dx (3 tensors), a step both, memcpy reads and writes one.
+// benchmarks/compare.py turns a run into tables of ratios.
 
 #include <benchmark/benchmark.h>
 
@@ -18,6 +20,7 @@
 #include <memory>
 #include <new>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #ifdef BNORM_HAVE_DNNL
@@ -55,6 +58,9 @@ const std::vector<Case>& cases() {
       {{32, 2048, 7, 7}},   {{4096, 1024}},      {{256, 512}},         {{64, 128, 100}},
       {{128, 256, 25}},  // runs of one to three packets (see GroupCoefs, SelectCoefs)
       {{32, 1024, 3, 3}},  // runs shorter than a packet
+      // Few channels, as an input layer has: channels-last rows shorter than a packet.
+      {{256, 1, 32, 32}}, {{256, 3, 32, 32}}, {{256, 4, 32, 32}}, {{256, 6, 32, 32}},
+      {{256, 8, 32, 32}}, {{256, 12, 32, 32}},
   };
   return all;
 }
@@ -133,13 +139,50 @@ void bnorm_bench(benchmark::State& state, const Case& c, bnorm::Layout layout,
                                    {d.weight.data(), d.bias.data()}, d.running_mean.data(),
                                    d.running_var.data(), ex);
     } else {
+      if (pass == "step")
+        fn::forward_training<float>(shape, d.x.data(), d.y.data(), 1e-5,
+                                    {d.weight.data(), d.bias.data()},
+                                    {d.mean.data(), d.invstd.data()},
+                                    {d.running_mean.data(), d.running_var.data(), 0.1}, ex);
       fn::backward<float>(shape, d.dy.data(), d.x.data(), d.dx.data(), fn::Statistics::Batch,
                           d.mean.data(), d.invstd.data(), d.weight.data(), d.grad_weight.data(),
                           d.grad_bias.data(), ex);
     }
     benchmark::ClobberMemory();
   }
-  report(state, c, pass == "bwd" ? 3 : 2);
+  report(state, c, pass == "bwd" ? 3 : pass == "step" ? 5 : 2);
+}
+
+/// A training step through a module that keeps no copy of its input: forward(x, y), then
+/// backward(x, dy, dx), on TensorMaps of the same buffers as bnorm_bench's.
+template <int Rank>
+void module_step(benchmark::State& state, const Case& c, bnorm::Layout layout, int threads) {
+  using Module = std::conditional_t<Rank == 4, bnorm::BatchNorm2d<float>, bnorm::BatchNorm1d<float>>;
+  using Map = Eigen::TensorMap<Eigen::Tensor<float, Rank, Eigen::RowMajor>>;
+  Data d(c);
+  Eigen::array<Index, Rank> dims;
+  for (int i = 0; i < Rank; ++i)  // channels-last dims: N, spatial..., C
+    dims[std::size_t(i)] = layout == bnorm::Layout::ChannelsFirst ? c.dims[std::size_t(i)]
+                           : i == 0                               ? c.dims[0]
+                           : i == Rank - 1                        ? c.dims[1]
+                                                                  : c.dims[std::size_t(i + 1)];
+  bnorm::Options opt;
+  opt.layout = layout;
+  opt.save_input = false;
+  Module bn(c.channels(), opt);
+  Map x(d.x.data(), dims), y(d.y.data(), dims), dy(d.dy.data(), dims), dx(d.dx.data(), dims);
+  const Eigen::ThreadPoolDevice* dev = device(threads);
+  for (auto _ : state) {
+    if (dev) {
+      bn.forward(x, y, *dev);
+      bn.backward(x, dy, dx, *dev);
+    } else {
+      bn.forward(x, y);
+      bn.backward(x, dy, dx);
+    }
+    benchmark::ClobberMemory();
+  }
+  report(state, c, 5);
 }
 
 void memcpy_bench(benchmark::State& state, const Case& c, int threads) {
@@ -315,6 +358,16 @@ void register_all() {
               ("bnorm/" + std::string(pass) + "/" + lname + "/" + shape + threads).c_str(),
               bnorm_bench, c, layout, std::string(pass), t);
         if (t == 1) {
+          // A training step, through the functional layer and through a module.
+          const std::string step = "/step/" + lname + "/" + shape + threads;
+          benchmark::RegisterBenchmark(("bnorm" + step).c_str(), bnorm_bench, c, layout,
+                                       std::string("step"), t);
+          if (c.dims.size() == 4)
+            benchmark::RegisterBenchmark(("module" + step).c_str(), module_step<4>, c, layout, t);
+          if (c.dims.size() == 3)
+            benchmark::RegisterBenchmark(("module" + step).c_str(), module_step<3>, c, layout, t);
+          if (c.dims.size() == 2)
+            benchmark::RegisterBenchmark(("module" + step).c_str(), module_step<2>, c, layout, t);
           const std::string name = "naive_eigen/fwd_train/" + lname + "/" + shape + threads;
           if (c.dims.size() == 2) benchmark::RegisterBenchmark(name.c_str(), naive_eigen<2>, c, layout);
           if (c.dims.size() == 3) benchmark::RegisterBenchmark(name.c_str(), naive_eigen<3>, c, layout);

@@ -102,6 +102,37 @@ def cells(times):
     return out
 
 
+def step_cells(times):
+    """Per (shape, layout): a training step (forward, then backward) through the functional
+    layer and through a module that keeps no copy of its input, each over a memcpy, and module /
+    functional (1 thread)."""
+    out = {}
+    for (impl, pas, layout, shape, threads), f in times.items():
+        if impl != "bnorm" or pas != "step" or threads != "t1":
+            continue
+        mem = times.get(("memcpy", "copy", "-", shape, "t1"))
+        m = times.get(("module", "step", layout, shape, "t1"))
+        out[(shape, layout)] = [f / mem if mem else None, m / mem if m and mem else None,
+                                m / f if m else None]
+    return out
+
+
+def step_table(figures):
+    fmt = lambda v: "" if v is None else f"{v:.2f}"
+    lines = ["", "A training step (forward, then backward), 1 thread, through the functional layer "
+             "and through a module with `save_input = false` (`forward(x, y)`, then "
+             "`backward(x, dy, dx)`):", "",
+             "| shape | layout | functional / memcpy | module / memcpy | module / functional |",
+             "|---|---|---:|---:|---:|"]
+    for (shape, layout), ratios in figures.items():
+        lines.append("| " + " | ".join([shape, layout] + [fmt(r) for r in ratios]) + " |")
+    worst = [r[2] for r in figures.values() if r[2] is not None]
+    if worst:
+        lines += ["", f"Module / functional: at most {max(worst):.2f}, median "
+                  f"{statistics.median(worst):.2f}."]
+    return "\n".join(lines)
+
+
 def median_of_runs(runs):
     """Each figure's median over the runs. Ratios are taken within a run first: on a shared
     machine whole runs drift, and a ratio of two figures from the same run drifts less."""
@@ -222,6 +253,9 @@ def main():
         json.dump(runs[0], open(args.save, "w"))
     figures = median_of_runs([cells(medians(data)) for data in runs])
     text = table(figures, runs[0].get("context", {}), len(runs))
+    steps = median_of_runs([step_cells(medians(data)) for data in runs])
+    if steps:
+        text += "\n" + step_table(steps)
     print(text)
     if args.readme:
         readme = open(args.readme).read()

@@ -94,6 +94,12 @@ int main() {
                         bn.backward(x, dxm, device);
                       }));
     failures += check(name + ": infer", count([&] { bn.infer(x, ym); }));
+    opt.save_input = false;
+    bnorm::BatchNorm2d<float> given(16, opt);
+    failures += check(name + ": training step, input given to backward, 2 threads", count([&] {
+                        given.forward(x, ym, device);
+                        given.backward(x, x, dxm, device);
+                      }));
     // The counter sees what it must: a forward that returns a new tensor allocates it. (Into a
     // tensor of its own: assigning to y would move the new storage into y and leave ym, which
     // the next check writes through, pointing at freed memory.)

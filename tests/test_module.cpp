@@ -188,6 +188,113 @@ TEST_CASE("caller-owned outputs, in-place forward and TensorMap inputs", "[modul
   CHECK(std::equal(dxb.begin(), dxb.end(), dxa.data()));
 }
 
+namespace {
+
+template <class T, int Rank>
+std::vector<T> raw(const Eigen::Tensor<T, Rank, Eigen::RowMajor>& t) {
+  return std::vector<T>(t.data(), t.data() + t.size());
+}
+
+/// A module that keeps its input (backward(dy)) and one that does not (backward(x, dy, dx)),
+/// through training and eval steps: every output, gradient and running statistic bit for bit.
+template <class Module, int Rank>
+void compare_saved_and_given(const std::array<Index, Rank>& dims, Layout layout, int workers) {
+  using T = typename Module::Vector::Scalar;
+  using Tensor = Eigen::Tensor<T, Rank, Eigen::RowMajor>;
+  const Index C = layout == Layout::ChannelsLast ? dims[Rank - 1] : dims[1];
+  bnorm::Options keep, give;
+  keep.layout = give.layout = layout;
+  give.save_input = false;
+  Module saved(C, keep), given(C, give);
+  for (Index c = 0; c < C; ++c) {
+    saved.weight()(c) = given.weight()(c) = T(0.5 + 0.1 * double(c));
+    saved.bias()(c) = given.bias()(c) = T(0.2 * double(c) - 0.3);
+  }
+  testing::Pool pool(workers);
+  Eigen::array<Eigen::Index, Rank> edims;
+  std::copy(dims.begin(), dims.end(), edims.begin());
+  for (bool training : {true, true, false, true}) {
+    INFO((training ? "train" : "eval") << ", workers " << workers);
+    saved.train(training);
+    given.train(training);
+    Tensor x(edims), dy(edims);
+    x.setRandom();
+    x = x * T(3) + T(7);  // non-zero means
+    dy.setRandom();
+    Tensor ys(edims), yg(edims), dxs(edims), dxg(edims);
+    yg.setConstant(std::numeric_limits<T>::quiet_NaN());
+    dxg.setConstant(std::numeric_limits<T>::quiet_NaN());
+    if (workers > 0) {
+      saved.forward(x, ys, *pool.device);
+      given.forward(x, yg, *pool.device);
+      saved.backward(dy, dxs, *pool.device);
+      given.backward(x, dy, dxg, *pool.device);
+    } else {
+      saved.forward(x, ys);
+      given.forward(x, yg);
+      saved.backward(dy, dxs);
+      given.backward(x, dy, dxg);
+    }
+    CHECK(raw(yg) == raw(ys));
+    CHECK(raw(dxg) == raw(dxs));
+    CHECK(raw(given.grad_weight()) == raw(saved.grad_weight()));
+    CHECK(raw(given.grad_bias()) == raw(saved.grad_bias()));
+    CHECK(raw(given.running_mean()) == raw(saved.running_mean()));
+    CHECK(raw(given.running_var()) == raw(saved.running_var()));
+    CHECK(given.num_batches_tracked() == saved.num_batches_tracked());
+    // A module that keeps its input takes it given as well, with the same result (a copy of it:
+    // backward adds to the gradients).
+    Module copy = saved;
+    Tensor again(edims);
+    copy.backward(x, dy, again);
+    CHECK(raw(again) == raw(dxs));
+  }
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("save_input = false: backward(x, dy, dx) gives backward(dy)'s bits",
+                   "[module]", float, double) {
+  for (int workers : {0, 3}) {
+    compare_saved_and_given<bnorm::BatchNorm1d<TestType>, 2>({37, 5}, Layout::ChannelsFirst, workers);
+    compare_saved_and_given<bnorm::BatchNorm1d<TestType>, 3>({6, 19, 11}, Layout::ChannelsLast, workers);
+    compare_saved_and_given<bnorm::BatchNorm2d<TestType>, 4>({4, 7, 9, 13}, Layout::ChannelsFirst, workers);
+    compare_saved_and_given<bnorm::BatchNorm3d<TestType>, 5>({2, 3, 5, 4, 17}, Layout::ChannelsLast, workers);
+  }
+}
+
+TEST_CASE("save_input = false: backward(dy) says how to call it, and changes nothing", "[module][errors]") {
+  using Tensor = Eigen::Tensor<float, 4, Eigen::RowMajor>;
+  bnorm::Options opt;
+  opt.save_input = false;
+  bnorm::BatchNorm2d<float> bn(3, opt);
+  Tensor x(4, 3, 2, 5), dy(4, 3, 2, 5), dx(4, 3, 2, 5);
+  x.setRandom();
+  dy.setRandom();
+  CHECK_THROWS_WITH(bn.backward(x, dy, dx), "bnorm::BatchNorm2d: backward called before any forward");
+  bn.forward(x);
+  bn.backward(x, dy, dx);
+  bn.forward(x);
+  const bnorm::BatchNorm2d<float> before = bn;
+  CHECK_THROWS_AS(bn.backward(dy), std::logic_error);
+  CHECK_THROWS_WITH(bn.backward(dy, dx),
+                    "bnorm::BatchNorm2d: backward(dy) needs the forward's input, which this module "
+                    "does not keep (Options::save_input = false): call backward(x, dy, dx) with "
+                    "that input");
+  Tensor wrong(4, 3, 5, 2);
+  wrong.setRandom();
+  CHECK_THROWS_WITH(bn.backward(wrong, dy, dx), Catch::Contains("expected x of the last forward's input shape"));
+  CHECK_THROWS_WITH(bn.backward(x, dy, wrong), Catch::Contains("expected dx of the last forward's input shape"));
+  CHECK(raw(bn.grad_weight()) == raw(before.grad_weight()));
+  CHECK(raw(bn.grad_bias()) == raw(before.grad_bias()));
+  bnorm::BatchNorm2d<float> untouched = before;
+  Tensor a(4, 3, 2, 5), b(4, 3, 2, 5);
+  bn.backward(x, dy, a);
+  untouched.backward(x, dy, b);
+  CHECK(raw(a) == raw(b));
+  CHECK(raw(bn.grad_weight()) == raw(untouched.grad_weight()));
+}
+
 // ----------------------------------------------------------------------------------------------
 // Bad input: a clear error, and the module exactly as it was.
 
@@ -272,7 +379,9 @@ TEST_CASE("bad input throws a clear error and changes nothing", "[module][errors
     Eigen::Tensor<float, 4, Eigen::RowMajor> other(4, 3, 5, 2);
     other.setRandom();
     CHECK_THROWS_WITH(bn.backward(other), Catch::Contains("expected dy of the last forward's input shape [4, 3, 2, 5], got [4, 3, 5, 2]"));
-    CHECK_THROWS_WITH(bn.backward(dy, other), Catch::Contains("expected dx of shape"));
+    CHECK_THROWS_WITH(bn.backward(dy, other), Catch::Contains("expected dx of the last forward's input shape [4, 3, 2, 5], got [4, 3, 5, 2]"));
+    CHECK_THROWS_WITH(bn.backward(other, dy, x), Catch::Contains("expected x of the last forward's input shape [4, 3, 2, 5], got [4, 3, 5, 2]"));
+    CHECK_THROWS_WITH(bn.backward(x, other, x), Catch::Contains("expected dy of the last"));
   }
   SECTION("parameters resized through the accessors") {
     bn.weight().resize(2);

@@ -9,10 +9,11 @@
 #include <utility>
 #include <vector>
 
+#include "detail/isa.hpp"
 #include "functional.hpp"
 #include "options.hpp"
 
-namespace bnorm {
+BNORM_BEGIN_NAMESPACE
 
 using Index = std::ptrdiff_t;
 
@@ -28,7 +29,7 @@ struct TensorTraits {
 };
 
 template <int Rank>
-std::string dims_string(const std::array<Index, Rank>& d) {
+std::string dims_string(const std::array<Index, std::size_t(Rank)>& d) {
   std::string s = "[";
   for (int i = 0; i < Rank; ++i) s += (i ? ", " : "") + std::to_string(d[std::size_t(i)]);
   return s + "]";
@@ -135,7 +136,8 @@ class BatchNorm {
   // --- backward ------------------------------------------------------------------------------
 
   /// Gradient of the loss with respect to the last forward's input, given dy (the gradient with
-  /// respect to its output). Adds to grad_weight() and grad_bias().
+  /// respect to its output), from the copy of the input the forward kept (Options::save_input).
+  /// Adds to grad_weight() and grad_bias().
   template <class DY>
   auto backward(const DY& dy) {
     return backward_impl_new(dy, nullptr);
@@ -151,6 +153,17 @@ class BatchNorm {
   template <class DY, class DX>
   void backward(const DY& dy, DX&& dx, const Eigen::ThreadPoolDevice& device) {
     backward_impl(dy, dx, &device);
+  }
+  /// The same, given the last forward's input x again (its shape is checked; its values must be
+  /// what the forward read): copies nothing, whatever Options::save_input is. With save_input =
+  /// false, a training step is forward(x, y) then backward(x, dy, dx).
+  template <class X, class DY, class DX, class = NotADevice<DX>>
+  void backward(const X& x, const DY& dy, DX&& dx) {
+    backward_given(x, dy, dx, nullptr);
+  }
+  template <class X, class DY, class DX>
+  void backward(const X& x, const DY& dy, DX&& dx, const Eigen::ThreadPoolDevice& device) {
+    backward_given(x, dy, dx, &device);
   }
 
   // --- parameters and buffers (empty tensors when affine / track_running_stats is off) -------
@@ -195,9 +208,9 @@ class BatchNorm {
   }
 
   template <int Rank>
-  static std::array<Index, Rank> dims_of(const Eigen::DSizes<Index, Rank>& d) {
-    std::array<Index, Rank> a{};
-    for (int i = 0; i < Rank; ++i) a[std::size_t(i)] = d[i];
+  static std::array<Index, std::size_t(Rank)> dims_of(const Eigen::DSizes<Index, Rank>& d) {
+    std::array<Index, std::size_t(Rank)> a{};
+    for (int i = 0; i < Rank; ++i) a[std::size_t(i)] = d[std::size_t(i)];
     return a;
   }
 
@@ -216,7 +229,7 @@ class BatchNorm {
 
   /// Checks an input's rank and channel count; returns its shape for the kernels.
   template <int Rank>
-  functional::Shape shape_of(const std::array<Index, Rank>& d) const {
+  functional::Shape shape_of(const std::array<Index, std::size_t(Rank)>& d) const {
     if (Rank < MinRank || Rank > MaxRank)
       fail("expected " + rank_expectation() + " input (got " + std::to_string(Rank) + "D input)");
     const bool last = options_.layout == Layout::ChannelsLast;
@@ -313,14 +326,15 @@ class BatchNorm {
     if (shape.size() == 0) return;  // an empty batch: nothing to normalize, nothing learned
     const Scalar* xp = x.data();
     // Everything that can fail has been checked; allocate before changing any state.
-    saved_input_.resize(std::size_t(shape.size()));
+    if (options_.save_input) saved_input_.resize(std::size_t(shape.size()));
+    Scalar* copy = options_.save_input ? saved_input_.data() : nullptr;
     const functional::Execution<Scalar> ex{device, &workspace_};
     const functional::Affine<Scalar> affine{weight_ptr(), bias_ptr()};
 
     if (!batch_stats) {
       functional::detail::forward_inference(shape, xp, y.data(), options_.eps, affine,
-                                            running_mean_.data(), running_var_.data(), ex,
-                                            saved_input_.data(), saved_invstd_.data());
+                                            running_mean_.data(), running_var_.data(), ex, copy,
+                                            saved_invstd_.data());
       for (Index c = 0; c < num_features_; ++c)
         saved_mean_[std::size_t(c)] = double(running_mean_(c));
     } else {
@@ -332,8 +346,8 @@ class BatchNorm {
                    options_.momentum ? *options_.momentum : 1.0 / batches};
       }
       functional::detail::forward_training(shape, xp, y.data(), options_.eps, affine,
-                                           {nullptr, saved_invstd_.data()}, running, ex,
-                                           saved_input_.data(), saved_mean_.data());
+                                           {nullptr, saved_invstd_.data()}, running, ex, copy,
+                                           saved_mean_.data());
       if (update) ++num_batches_tracked_;
     }
     saved_kind_ = batch_stats ? functional::Statistics::Batch : functional::Statistics::Frozen;
@@ -360,34 +374,54 @@ class BatchNorm {
     return dx;
   }
 
-  template <class DY, class DX>
-  void backward_impl(const DY& dy, DX& dx, const Eigen::ThreadPoolDevice* device) {
-    check_type<DY>();
-    check_type<DX>();
-    constexpr int R = detail::TensorTraits<DY>::rank;
-    static_assert(detail::TensorTraits<DX>::rank == R, "bnorm: dx rank differs from dy");
+  /// Checks that t (dy, dx or x) has the last forward's input shape.
+  template <class Z>
+  void check_like_saved(const Z& t, const char* what) const {
+    check_type<Z>();
+    constexpr int R = detail::TensorTraits<Z>::rank;
     if (saved_rank_ == 0)
       throw std::logic_error("bnorm::" + name() + ": backward called before any forward");
-    const auto dims = dims_of<R>(dy.dimensions());
+    const auto dims = dims_of<R>(t.dimensions());
     std::array<Index, 5> padded{};
     for (int i = 0; i < R; ++i) padded[std::size_t(i)] = dims[std::size_t(i)];
     if (R != saved_rank_ || padded != saved_dims_) {
-      std::array<Index, 5> saved = saved_dims_;
-      std::string got = detail::dims_string<R>(dims), want = "[";
+      std::string want = "[";
       for (int i = 0; i < saved_rank_; ++i)
-        want += (i ? ", " : "") + std::to_string(saved[std::size_t(i)]);
-      fail("expected dy of the last forward's input shape " + want + "], got " + got);
+        want += (i ? ", " : "") + std::to_string(saved_dims_[std::size_t(i)]);
+      fail(std::string("expected ") + what + " of the last forward's input shape " + want +
+           "], got " + detail::dims_string<R>(dims));
     }
-    if (dims_of<R>(dx.dimensions()) != dims)
-      fail("expected dx of shape " + detail::dims_string<R>(dims) + ", got " +
-           detail::dims_string<R>(dims_of<R>(dx.dimensions())));
+  }
+
+  template <class DY, class DX>
+  void backward_impl(const DY& dy, DX& dx, const Eigen::ThreadPoolDevice* device) {
+    check_like_saved(dy, "dy");
+    if (!options_.save_input)
+      throw std::logic_error("bnorm::" + name() +
+                             ": backward(dy) needs the forward's input, which this module does "
+                             "not keep (Options::save_input = false): call backward(x, dy, dx) "
+                             "with that input");
+    backward_from(saved_input_.data(), dy, dx, device);
+  }
+
+  template <class X, class DY, class DX>
+  void backward_given(const X& x, const DY& dy, DX& dx, const Eigen::ThreadPoolDevice* device) {
+    check_like_saved(x, "x");
+    check_like_saved(dy, "dy");
+    backward_from(x.data(), dy, dx, device);
+  }
+
+  /// Backward from the forward's input x, once dy has been checked.
+  template <class DY, class DX>
+  void backward_from(const Scalar* x, const DY& dy, DX& dx, const Eigen::ThreadPoolDevice* device) {
+    check_like_saved(dx, "dx");
     check_state();
     const bool grads = options_.affine;
-    functional::detail::backward(saved_shape_, dy.data(), saved_input_.data(), dx.data(), saved_kind_,
-                         saved_mean_.data(), saved_invstd_.data(), weight_ptr(),
-                         grads ? step_grad_weight_.data() : nullptr,
-                         grads ? step_grad_bias_.data() : nullptr,
-                         functional::Execution<Scalar>{device, &workspace_});
+    functional::detail::backward(saved_shape_, dy.data(), x, dx.data(), saved_kind_,
+                                 saved_mean_.data(), saved_invstd_.data(), weight_ptr(),
+                                 grads ? step_grad_weight_.data() : nullptr,
+                                 grads ? step_grad_bias_.data() : nullptr,
+                                 functional::Execution<Scalar>{device, &workspace_});
     if (grads) {
       grad_weight_ += step_grad_weight_;
       grad_bias_ += step_grad_bias_;
@@ -422,4 +456,4 @@ using BatchNorm2d = BatchNorm<Scalar, 4, 4>;
 template <class Scalar>
 using BatchNorm3d = BatchNorm<Scalar, 5, 5>;
 
-}  // namespace bnorm
+BNORM_END_NAMESPACE

@@ -12,10 +12,12 @@
 #include <stdexcept>
 #include <string>
 
+#include "detail/isa.hpp"
 #include "detail/kernels.hpp"
 #include "options.hpp"
 
-namespace bnorm::functional {
+BNORM_BEGIN_NAMESPACE
+namespace functional {
 
 using Index = std::ptrdiff_t;
 
@@ -302,4 +304,5 @@ void backward(const Shape& shape, const T* dy, const T* x, T* dx, Statistics kin
                    grad_bias, ex);
 }
 
-}  // namespace bnorm::functional
+}  // namespace functional
+BNORM_END_NAMESPACE

@@ -27,6 +27,10 @@ struct Options {
   /// Reject a batch holding NaN or Inf before any state changes, so that one bad batch cannot
   /// poison the running statistics. Costs one extra read of the input.
   bool check_finite = false;
+  /// Keep a copy of a forward's input, written in the same pass as the output, for backward(dy):
+  /// the input may then be overwritten or freed. false: a forward saves only its per-channel
+  /// statistics, and backward takes the input again, backward(x, dy, dx), which copies nothing.
+  bool save_input = true;
 };
 
 }  // namespace bnorm

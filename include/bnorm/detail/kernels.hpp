@@ -30,7 +30,8 @@
 
 #include "warnings_begin.hpp"
 
-namespace bnorm::detail {
+BNORM_BEGIN_NAMESPACE
+namespace detail {
 
 /// ALONG runs shorter than this (and longer ones that in_row_order takes) are handled a row of
 /// channels at a time, as the rows of ACROSS data are: reduced in memory order (see in_row_order;
@@ -290,7 +291,7 @@ struct RunSums {
     }
     if (i < len) {
       for (int k = 0; k < Step::kInputs; ++k)
-        v[0][k] = load_first_n(in[k] + off + i, len - i, Scalar(Step::fill(k, center)));
+        v[0][k] = load_first_n(in[k] + off + i, len - i, Scalar(Step::fill(k, double(center))));
       Step::add(v[0], c, a[U - 1], b[U - 1]);
     }
   }
@@ -299,7 +300,7 @@ struct RunSums {
             wide_sum(ei::padd(ei::padd(b[0], b[1]), ei::padd(b[2], b[3])))};
   }
   static double wide_sum(const P& p) {
-    Scalar lanes[L];
+    Scalar lanes[std::size_t(L)];
     ei::pstoreu(lanes, p);
     double sum = 0;
     for (Index l = 0; l < L; ++l) sum += static_cast<double>(lanes[l]);
@@ -374,7 +375,7 @@ double shift_of(const T* x, Index m) {
 /// Moments of one ALONG block in one pass over it.
 template <class T>
 Partial moments_along(const T* x, Index stride, Index runs, Index len) {
-  const double shift = static_cast<T>(shift_of(x, std::min(len, kShiftValues)));  // see recenter
+  const double shift = double(static_cast<T>(shift_of(x, std::min(len, kShiftValues))));  // see recenter
   return centered_to_moments(step_sums_along<CenteredSums>(&x, stride, runs, len, shift), shift,
                              1.0 / double(runs * len));
 }
@@ -428,7 +429,7 @@ T* apart_from(T* room, const T* const* in, Index pitch) {
   constexpr std::uintptr_t line = 64;
   const auto step = std::uintptr_t(pitch) * sizeof(T) % kPageBytes;
   const std::uintptr_t period = std::max(line, step == 0 ? kPageBytes : std::gcd(step, kPageBytes));
-  std::uintptr_t at[kInputs];
+  std::uintptr_t at[std::size_t(kInputs)];
   for (int i = 0; i < kInputs; ++i) at[i] = reinterpret_cast<std::uintptr_t>(in[i]) % period;
   std::sort(at, at + kInputs);
   std::uintptr_t start = at[kInputs - 1], gap = at[0] + period - start;  // the gap that wraps
@@ -467,11 +468,11 @@ void sweep_rows(const T* const* in, Index pitch, Index width, const Index* row, 
                 T* acc, Index stride) {
   using P = Packet<T>;
   constexpr Index L = kLanes<T>;
-  const T* at[R][Step::kInputs];
+  const T* at[std::size_t(R)][std::size_t(Step::kInputs)];
   for (int j = 0; j < R; ++j)
     for (int i = 0; i < Step::kInputs; ++i) at[j][i] = in[i] + row[j] * pitch;
   auto packets = [&](Index c, auto cut) {
-    P sum[kSets][2];
+    P sum[std::size_t(kSets)][2];
     unroll<2 * kSets>([&](int i) {
       sum[i / 2][i % 2] = kFresh ? ei::pset1<P>(T(0)) : ei::ploadu<P>(acc + i * stride + c);
     });
@@ -531,8 +532,8 @@ void sweep_across(const T* const* in, Index pitch, Index C, Index inner, Index r
   // Each set of accumulators in T takes at most kTermsInT rows of a sub-block before they are
   // added to the sums in double (the first time, written there); the sub-block's first rows
   // write them. Rows go into one set, or into two in turn where rows are narrow (see kWideRow).
-  auto run = [&](auto sets) {
-    constexpr int kSets = decltype(sets)::value;
+  auto run = [&](auto set_count) {
+    constexpr int kSets = decltype(set_count)::value;
     constexpr Index sub = kSets * kTermsInT;
     for (Index r0 = 0; r0 < rows; r0 += sub) {
       const Index r1 = std::min(rows, r0 + sub);
@@ -544,7 +545,7 @@ void sweep_across(const T* const* in, Index pitch, Index C, Index inner, Index r
       const Index q = (r1 - r0) / R;
       if (q == 0) std::fill_n(acc, 2 * kSets * stride, T(0));
       for (Index r = r0; r < r0 + q; ++r) {
-        Index row[R];
+        Index row[std::size_t(R)];
         for (int j = 0; j < R; ++j) row[j] = r + j * q;
         if (r == r0) sweep_rows<Step, R, kSets, 0, true>(in, pitch, width, row, near, acc, stride);
         else sweep_rows<Step, R, kSets, 0, false>(in, pitch, width, row, near, acc, stride);
@@ -690,7 +691,7 @@ void row_sums(const T* const* in, Index pitch, Index C, Index inner, Index rows,
     for (Index c = 0; c < C; ++c) {
       T* sums = room + 2 * L * c;
       const P k = ei::pset1<P>(near[c]);
-      P a[R], b[R];
+      P a[std::size_t(R)], b[std::size_t(R)];
       a[0] = fresh ? ei::pset1<P>(T(0)) : ei::ploadu<P>(sums);
       b[0] = fresh ? ei::pset1<P>(T(0)) : ei::ploadu<P>(sums + L);
       for (int j = 1; j < R; ++j) a[j] = b[j] = ei::pset1<P>(T(0));
@@ -818,7 +819,7 @@ inline SplitMean<T> split_mean(const Partial& m) {
 /// (the module keeps its input for backward this way without a second read).
 template <class T, int kInputs>
 struct Streams {
-  const T* in[kInputs];
+  const T* in[std::size_t(kInputs)];
   T* out;
   T* copy = nullptr;
 };
@@ -831,7 +832,7 @@ struct RunCoefs {
   const T* coef;
   Index channels, c, inner;
   Index pos = 0;  // of the current element in its channel's values
-  Packet<T> p[kCoefs];
+  Packet<T> p[std::size_t(kCoefs)];
 
   RunCoefs(const T* coef_, Index channels_, Index c_, Index inner_)
       : coef(coef_), channels(channels_), c(c_), inner(inner_) {
@@ -869,8 +870,8 @@ struct BlendCoefs {
   Index c = 0;     // channel of the current element
   Index left = 0;  // values of channel c from the current element on
   P lane = ei::plset<P>(T(0));  // 0, 1, 2, ...
-  P now[kCoefs], then[kCoefs];  // channel c's, and the next channel's (0 after the last)
-  P last[kCoefs];  // of the last packet that starts in channel c: now and then blended
+  P now[std::size_t(kCoefs)], then[std::size_t(kCoefs)];  // channel c's, and the next channel's (0 after the last)
+  P last[std::size_t(kCoefs)];  // of the last packet that starts in channel c: now and then blended
 
   BlendCoefs(const T* coef_, Index channels_, Index inner_)
       : BlendCoefs(coef_, channels_, inner_, channels_) {}
@@ -967,7 +968,7 @@ struct GroupCoefs {
   Index channels, inner;
   Index c = 0;  // first channel of the current group
   Index t = 0;  // packet of the current element in its group
-  P group[kCoefs];
+  P group[std::size_t(kCoefs)];
 
   GroupCoefs(const T* coef_, Index channels_, Index inner_, const LaneIndex<T>* index_)
       : coef(coef_), index(index_), channels(channels_), inner(inner_) {
@@ -1085,7 +1086,7 @@ template <int K, class Fn>
 void split_in(Index first, Index count, Fn& fn) {
   const Index part = count / K;
   if (part > 0) {
-    Index starts[K];
+    Index starts[std::size_t(K)];
     for (int j = 0; j < K; ++j) starts[j] = first + j * part;
     fn(static_cast<const Index*>(starts), part, std::integral_constant<int, K>{});
   }
@@ -1180,9 +1181,9 @@ void apply_runs(const Streams<T, Op::kInputs>& s, const Index* off, Index n, Coe
   }
   // Where each run reads and writes, in locals: the compiler must assume that stores through
   // packets may change anything in memory, s and off[] included.
-  const T* in[K][Op::kInputs];
-  T* out[K];
-  T* copy[K];
+  const T* in[std::size_t(K)][std::size_t(Op::kInputs)];
+  T* out[std::size_t(K)];
+  T* copy[std::size_t(K)];
   for (int r = 0; r < K; ++r) {
     for (int j = 0; j < Op::kInputs; ++j) in[r][j] = s.in[j] + off[r];
     out[r] = s.out + off[r];
@@ -1190,7 +1191,7 @@ void apply_runs(const Streams<T, Op::kInputs>& s, const Index* off, Index n, Coe
   }
   // With kAhead, ahead[a][r] holds run r's inputs of the whole packet a packets after the next
   // one to apply (ahead[0]: that one), in registers: their indices are constants.
-  P ahead[std::max(kAhead, 1)][K][Op::kInputs];
+  P ahead[std::size_t(std::max(kAhead, 1))][std::size_t(K)][std::size_t(Op::kInputs)];
   // Elements [i, i + count) of every run: one whole packet, or the first count < L of one;
   // its coefficients are t packets on from k's position.
   auto packets = [&](Index i, Index t, Index count, auto whole, bool stream, bool stream_copy) {
@@ -1245,11 +1246,12 @@ void apply_runs(const Streams<T, Op::kInputs>& s, const Index* off, Index n, Coe
     });
   // Stretches of whole packets up to where the coefficients wrap around.
   while (i + L <= n) {
-    const Index m = std::min((n - i) / L, k.span());
-    assert(m > 0 && "a packet straddles two channels' coefficients");
-    for (Index t = 0; t < m; ++t) packets(i + t * L, t, L, std::true_type{}, stream, stream_copy);
-    i += m * L;
-    k.next(m * L);
+    const Index stretch = std::min((n - i) / L, k.span());
+    assert(stretch > 0 && "a packet straddles two channels' coefficients");
+    for (Index t = 0; t < stretch; ++t)
+      packets(i + t * L, t, L, std::true_type{}, stream, stream_copy);
+    i += stretch * L;
+    k.next(stretch * L);
   }
   if (i < n) packets(i, 0, n - i, std::false_type{}, false, false);
 }
@@ -1269,7 +1271,7 @@ void apply_along(const Geometry& g, const Streams<T, Op::kInputs>& s, const T* c
     constexpr int K = decltype(tag)::value;
     for (Index o = 0; o < rows; ++o) {
       for (Index c = c0; c < c1; c = whole_rows || blended ? c1 : c + 1) {
-        Index off[K];
+        Index off[std::size_t(K)];
         for (int j = 0; j < K; ++j) off[j] = ((starts[j] + o) * g.channels + c) * g.inner;
         if (blended)
           apply_runs<Op, kStream, K>(
@@ -1306,7 +1308,7 @@ void apply_chunk(const Geometry& g, const Streams<T, Op::kInputs>& s, const T* c
   split_in(parts, o0, o1 - o0, [&](const Index* starts, Index rows, auto tag) {
     constexpr int K = decltype(tag)::value;
     for (Index o = 0; o < rows; ++o) {
-      Index off[K];
+      Index off[std::size_t(K)];
       for (int j = 0; j < K; ++j) off[j] = ((starts[j] + o) * g.channels + c0) * g.inner;
       apply_runs<Op, kStream, K>(s, off, (c1 - c0) * g.inner, k);
     }
@@ -1330,7 +1332,7 @@ void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>
     split_in<decltype(most)::value>(parts, r0, r1 - r0,
                                     [&](const Index* starts, Index rows, auto tag) {
       constexpr int K = decltype(tag)::value;
-      Index off[K];
+      Index off[std::size_t(K)];
       for (int j = 0; j < K; ++j) off[j] = starts[j] * width;
       apply_runs<Op, kStream, K>(s, off, rows * width, k);
     });
@@ -1551,7 +1553,7 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
     if (!swept) return reduce_runs(b, c0, c1);
     Partial* out = part + b * C + c0;
     const Index pitch = C * g.inner, rows = bl.swept_rows(g, b);
-    const T* in[kReduceInputs];
+    const T* in[std::size_t(kReduceInputs)];
     for (int k = 0; k < kReduceInputs; ++k)
       in[k] = reduce_in[k] + b * bl.rows * pitch + c0 * g.inner;
     if (by_rows) {
@@ -1655,6 +1657,7 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
   apply_all<Op>(g, s, ws, device);
 }
 
-}  // namespace bnorm::detail
+}  // namespace detail
+BNORM_END_NAMESPACE
 
 #include "warnings_end.hpp"

@@ -15,7 +15,8 @@
 #include <emmintrin.h>
 #endif
 
-namespace bnorm::detail {
+BNORM_BEGIN_NAMESPACE
+namespace detail {
 
 /// Number of workers worth using on `device` (the calling thread counts as one).
 inline Index workers(const Eigen::ThreadPoolDevice* device) {
@@ -86,4 +87,5 @@ void parallel_ranges(const Eigen::ThreadPoolDevice* device, Index count, const F
   parallel_workers(device, count, [&fn](Index, Index begin, Index end) { fn(begin, end); });
 }
 
-}  // namespace bnorm::detail
+}  // namespace detail
+BNORM_END_NAMESPACE

@@ -19,10 +19,12 @@
 #include <utility>
 
 #include "eigen.hpp"
+#include "isa.hpp"
 
 #include "warnings_begin.hpp"
 
-namespace bnorm::detail {
+BNORM_BEGIN_NAMESPACE
+namespace detail {
 
 using Index = std::ptrdiff_t;
 namespace ei = Eigen::internal;
@@ -212,6 +214,7 @@ EIGEN_ALWAYS_INLINE void unroll(F&& f) {
   unroll_impl(f, std::make_integer_sequence<int, N>{});
 }
 
-}  // namespace bnorm::detail
+}  // namespace detail
+BNORM_END_NAMESPACE
 
 #include "warnings_end.hpp"
