@@ -46,6 +46,9 @@ std::vector<Shape> shapes() {
       // Channels-last with several blocks of rows, each swept in sub-blocks, the last ones cut
       // short (odd rows left over); narrow and wide rows, channels not a multiple of a packet.
       {5, 7, 1715, kLast},    {2100, 1030, 1, kLast},
+      // Channels-last rows of few channels, seen q rows at a time as rows of whole packets
+      // (see period_rows), with rows left over, in one block or several.
+      {2003, 3, 1, kLast},    {333, 12, 3, kLast},   {50, 6, 31, kLast},   {4, 5, 20001, kLast},
   };
 }
 

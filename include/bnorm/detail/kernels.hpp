@@ -149,6 +149,8 @@ struct Workspace {
   Aligned<T> sweeps;              // ACROSS reductions' accumulators (per worker)
   Aligned<double> sweep_sums;     // ACROSS reductions' block sums (per worker)
   std::vector<LaneIndex<T>> lane_index;  // GroupCoefs' indices
+  std::vector<T> period_coefs;           // coefficients of channel p % C at p (see period_rows)
+  std::vector<double> period_centers;    // centers likewise
 };
 
 /// Tensors smaller than this are not worth handing out in pieces finer than the reduction
@@ -458,6 +460,25 @@ inline constexpr Index kWideRow = 16;
 template <class T>
 int sweep_sets(Index row_width) {
   return row_width >= kWideRow * kLanes<T> ? 1 : 2;
+}
+
+/// ACROSS rows narrower than kPeriodPackets packets, or whose channels do not fill whole packets
+/// (as few channels as an input layer has), are seen q at a time, as one row of q * C positions:
+/// a whole number of packets, at least kPeriodPackets of them, whose position p belongs to
+/// channel p % C. Each packet is then loaded and stored whole, each lane always holds the same
+/// channel, and the elementwise pass walks several packets between the wraps of its table of
+/// coefficients. q is the least multiple of L / gcd(C, L) that makes the row that wide, where
+/// such a row is at most kWideRow packets and the tensor has q rows; 1 (no such view) otherwise.
+/// The first outer / q * q rows are seen so, the rest as they are.
+inline constexpr Index kPeriodPackets = 8;
+template <class T>
+Index period_rows(const Geometry& g) {
+  constexpr Index L = kLanes<T>;
+  if (!g.across() || (g.channels % L == 0 && g.channels >= kPeriodPackets * L)) return 1;
+  const Index whole = L / std::gcd(g.channels, L);  // rows that fill whole packets
+  const Index q = whole * std::max<Index>(1, (kPeriodPackets * L + whole * g.channels - 1) /
+                                                 (whole * g.channels));
+  return q > 1 && q * g.channels <= kWideRow * L && g.outer >= q ? q : 1;
 }
 
 /// Step's sums of `width` positions over the R rows row[0..R) of a block (rows `pitch` values
@@ -1434,6 +1455,26 @@ bool streams_output(const Geometry& g, [[maybe_unused]] const Streams<T, kInputs
 template <class Op, class T>
 void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>& ws,
                const Eigen::ThreadPoolDevice* device) {
+  if (const Index q = period_rows<T>(g); q > 1) {
+    // q rows at a time as one row of P channels, with channel p % C's coefficients at p; then
+    // the rows left over as they are.
+    const Index C = g.channels, P = q * C, head = g.outer / q * q;
+    ws.period_coefs.resize(std::size_t(Op::kCoefs * P));
+    for (int j = 0; j < Op::kCoefs; ++j)
+      for (Index p = 0; p < P; ++p)
+        ws.period_coefs[std::size_t(j * P + p)] = ws.coefs[std::size_t(j * C + p % C)];
+    std::swap(ws.coefs, ws.period_coefs);
+    apply_all<Op>(Geometry{g.outer / q, P, 1}, s, ws, device);
+    std::swap(ws.coefs, ws.period_coefs);
+    if (head < g.outer) {
+      Streams<T, Op::kInputs> rest = s;
+      for (auto& in : rest.in) in += head * C;
+      rest.out += head * C;
+      if (rest.copy) rest.copy += head * C;
+      apply_all<Op>(Geometry{g.outer - head, C, 1}, rest, ws, nullptr);
+    }
+    return;
+  }
   if (streams_output(g, s, device)) apply_all<Op, true>(g, s, ws, device);
   else apply_all<Op, false>(g, s, ws, device);
 }
@@ -1500,7 +1541,7 @@ void inverse_std(const V* var, Index n, double eps, double* invstd) {
 /// its loads). Either way, every block is reduced by the same code and merged in the same order:
 /// the results do not depend on the split.
 template <class Op, class Step, class T, class Merge, class Finish>
-void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const double* centers,
+void reduce_then_apply(const Geometry& whole, const T* const* reduce_in, const double* centers,
                        Merge merge, Finish finish, const Streams<T, Op::kInputs>& s,
                        Workspace<T>& ws, const Eigen::ThreadPoolDevice* device) {
   constexpr bool kMoments = std::is_void_v<Step>;
@@ -1508,6 +1549,17 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
     if constexpr (kMoments) return 1;
     else return Step::kInputs;
   }();
+  // ACROSS rows of few channels are reduced q at a time, as rows of q * C channels (see
+  // period_rows): g is that view, whose channel p is channel p % C of `whole`, and whose sums are
+  // folded into the whole's channels before they are finished.
+  const Index q = period_rows<T>(whole), head = whole.outer / q * q;
+  const Geometry g = q > 1 ? Geometry{whole.outer / q, q * whole.channels, 1} : whole;
+  if (q > 1 && centers) {
+    ws.period_centers.resize(std::size_t(g.channels));
+    for (Index p = 0; p < g.channels; ++p)
+      ws.period_centers[std::size_t(p)] = centers[p % whole.channels];
+    centers = ws.period_centers.data();
+  }
   const Index C = g.channels;
   const bool by_rows = in_row_order<T>(g);
   const bool swept = by_rows || g.inner < kShortRun;  // a row of channels at a time (or ACROSS)
@@ -1518,8 +1570,10 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
   const Index swept_width = std::min(C, sweep_piece) * g.inner;
   ws.coefs.resize(std::size_t(Op::kCoefs * C));
   T* coef = ws.coefs.data();
-  ws.partials.resize(std::size_t(C * bl.blocks));
-  Partial* part = ws.partials.data();  // block b's of channel c at part[b * C + c]
+  // Block b's of channel c at part[b * C + c]; with q > 1, then the rows left over and the
+  // whole's totals, per channel of the whole.
+  ws.partials.resize(std::size_t(C * bl.blocks + (q > 1 ? 2 * whole.channels : 0)));
+  Partial* part = ws.partials.data();
   const bool by_groups = (!swept || (by_rows && rows_in_groups(g, kReduceInputs, sizeof(T)))) &&
                          (workers(device) == 1 || C >= 4 * workers(device));
 
@@ -1649,6 +1703,34 @@ void reduce_then_apply(const Geometry& g, const T* const* reduce_in, const doubl
         reduce(scratch(worker), i % bl.blocks, c0, std::min(C, c0 + piece));
       }
     });
+  }
+  if (q > 1) {
+    // The whole's channel c: its channels c, c + C, ... of the view, each merged over the blocks,
+    // then the rows left over, always in that order.
+    const Index wc = whole.channels;
+    Partial* rest = part + C * bl.blocks;
+    Partial* total = rest + wc;
+    if (head < whole.outer) {
+      const T* in[std::size_t(kReduceInputs)];
+      for (int k = 0; k < kReduceInputs; ++k) in[k] = reduce_in[k] + head * wc;
+      const auto scratch = scratch_room(sweep_values_size<T>(wc), sweep_sums_size<T>(wc));
+      const Index rows = whole.outer - head;
+      if constexpr (kMoments)
+        moments_across(in[0], wc, wc, 1, rows, sweep_sets<T>(wc), scratch(0), rest);
+      else
+        step_sums_across<Step>(in, wc, wc, 1, rows, sweep_sets<T>(wc), centers, scratch(0), rest);
+    }
+    for (Index p = 0; p < C; ++p)
+      for (Index b = 1; b < bl.blocks; ++b) part[p] = merge(part[p], part[b * C + p]);
+    for (Index c = 0; c < wc; ++c) {
+      total[c] = part[c];
+      for (Index p = c + wc; p < C; p += wc) total[c] = merge(total[c], part[p]);
+      if (head < whole.outer) total[c] = merge(total[c], rest[c]);
+    }
+    for (Index first = 0; first < wc; first += kFinishBatch)
+      finish(first, std::min(kFinishBatch, wc - first), total + first, coef);
+    apply_all<Op>(whole, s, ws, device);
+    return;
   }
   // Channels are merged side by side, so that their chains of merges overlap. On a small
   // tensor, the calling thread merges alone: waking a worker costs more than the merges.
