@@ -3,6 +3,10 @@
 // tensors costs, with no per-channel work), a naive Eigen Tensor expression (what one writes by
 // hand) and oneDNN's batch normalization when it was found at configure time (BNORM_HAVE_DNNL).
 //
+// Usage: bnorm_bench [--threads=1,4,8,16] [--cold] [Google Benchmark's flags]. Every
+// implementation runs at each thread count (default: 1 and every core the machine has), warm
+// (calls back to back) or, with --cold, with the caches flushed before every timed call.
+//
 // Names: <impl>/<pass>/<layout>/<shape>/t<threads>, pass in fwd_train, fwd_infer, bwd, and step
 // (a training forward, then its backward), which bnorm runs through the functional layer and
 // through a module that keeps no copy of its input (impl "module", Options::save_input = false).
@@ -15,11 +19,14 @@
 #include <bnorm/bnorm.hpp>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
 #include <new>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -109,11 +116,75 @@ struct Data {
       grad_bias;
 };
 
-/// A thread pool per thread count, shared by every benchmark.
+/// A thread pool per thread count, shared by every benchmark (one thread: the calling thread
+/// alone, no pool).
 const Eigen::ThreadPoolDevice* device(int threads) {
-  static Eigen::ThreadPool pool(2);
-  static Eigen::ThreadPoolDevice two(&pool, 2);
-  return threads == 1 ? nullptr : &two;
+  struct Pool {
+    explicit Pool(int n) : pool(n), device(&pool, n) {}
+    Eigen::ThreadPool pool;
+    Eigen::ThreadPoolDevice device;
+  };
+  static std::map<int, std::unique_ptr<Pool>> pools;
+  if (threads <= 1) return nullptr;
+  auto& p = pools[threads];
+  if (!p) p = std::make_unique<Pool>(threads);
+  return &p->device;
+}
+
+/// --cold: every timed call starts with its tensors out of the caches, as a layer's input is
+/// where the layer before wrote it long ago. Without it, calls repeat back to back (warm: a
+/// tensor that fits in the cache is read from there, as one the layer before just wrote).
+bool& cold() {
+  static bool on = false;
+  return on;
+}
+
+/// In the cold regime, evicts every tensor from the caches, untimed: writes a buffer of twice
+/// the last-level cache (and at least 64 MiB), a line at a time.
+void cold_start(benchmark::State& state) {
+  if (!cold()) return;
+  state.PauseTiming();
+  static std::vector<char> buffer(std::size_t(
+      std::max<Index>(Index{64} << 20, 2 * bnorm::tuning().last_level_cache_bytes)));
+  static char value = 0;
+  ++value;
+  for (std::size_t i = 0; i < buffer.size(); i += 64) buffer[i] = value;
+  benchmark::ClobberMemory();
+  state.ResumeTiming();
+}
+
+/// This program's own flags, removed from argv before Google Benchmark reads it: --threads=1,4,8
+/// (default: 1 and every core) and --cold.
+std::vector<int> own_flags(int& argc, char** argv) {
+  std::vector<int> counts;
+  int kept = 1;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--cold") {
+      cold() = true;
+    } else if (arg.rfind("--threads=", 0) == 0) {
+      for (std::size_t at = 10; at < arg.size();) {
+        const std::size_t comma = std::min(arg.find(',', at), arg.size());
+        const int n = std::atoi(arg.substr(at, comma - at).c_str());
+        if (n < 1) {
+          std::fprintf(stderr, "bnorm_bench: --threads takes counts of at least 1, got %s\n",
+                       arg.c_str());
+          std::exit(1);
+        }
+        counts.push_back(n);
+        at = comma + 1;
+      }
+    } else {
+      argv[kept++] = argv[i];
+    }
+  }
+  argc = kept;
+  if (counts.empty()) {
+    counts.push_back(1);
+    const int cores = int(std::thread::hardware_concurrency());
+    if (cores > 1) counts.push_back(cores);
+  }
+  return counts;
 }
 
 void report(benchmark::State& state, const Case& c, int tensors) {
@@ -129,6 +200,7 @@ void bnorm_bench(benchmark::State& state, const Case& c, bnorm::Layout layout,
   fn::forward_training<float>(shape, d.x.data(), d.y.data(), 1e-5, {d.weight.data(), d.bias.data()},
                               {d.mean.data(), d.invstd.data()}, {}, ex);
   for (auto _ : state) {
+    cold_start(state);
     if (pass == "fwd_train") {
       fn::forward_training<float>(shape, d.x.data(), d.y.data(), 1e-5,
                                   {d.weight.data(), d.bias.data()},
@@ -173,6 +245,7 @@ void module_step(benchmark::State& state, const Case& c, bnorm::Layout layout, i
   Map x(d.x.data(), dims), y(d.y.data(), dims), dy(d.dy.data(), dims), dx(d.dx.data(), dims);
   const Eigen::ThreadPoolDevice* dev = device(threads);
   for (auto _ : state) {
+    cold_start(state);
     if (dev) {
       bn.forward(x, y, *dev);
       bn.backward(x, dy, dx, *dev);
@@ -188,6 +261,7 @@ void module_step(benchmark::State& state, const Case& c, bnorm::Layout layout, i
 void memcpy_bench(benchmark::State& state, const Case& c, int threads) {
   Data d(c);
   for (auto _ : state) {
+    cold_start(state);
     // Split as bnorm's kernels split their work, by the same function: the roofline pays what
     // bnorm pays to wake its worker and wait for it.
     bnorm::detail::parallel_ranges(device(threads), Index(d.x.size()), [&](Index begin, Index end) {
@@ -217,15 +291,16 @@ void streamed_pass(float* out, const float* u, const float* v, float a, float b,
 /// whole tensor instead of per-channel work: a sum of x (training), or of dy * x (backward), then
 /// y = x * a + b, or dx = dy * a + x * b. What reading and writing those tensors costs at the
 /// least on one thread, with bnorm's choice of stores: past the cache for outputs of 8 MiB and
-/// more (kStreamBytes), ordinary ones below. (The loops read their inputs from memory twice
+/// more (Tuning::stream_bytes), ordinary ones below. (The loops read their inputs from memory twice
 /// where they exceed the cache; bnorm reads channels-first data in groups whose second read
 /// comes from cache.)
 void loops_bench(benchmark::State& state, const Case& c, const std::string& pass) {
   Data d(c);
   const Eigen::Map<const Eigen::ArrayXf> x(d.x.data(), c.size()), dy(d.dy.data(), c.size());
   Eigen::Map<Eigen::ArrayXf> y(d.y.data(), c.size()), dx(d.dx.data(), c.size());
-  const bool stream = c.size() * Index(sizeof(float)) >= bnorm::detail::kStreamBytes;
+  const bool stream = c.size() * Index(sizeof(float)) >= bnorm::tuning().stream_bytes;
   for (auto _ : state) {
+    cold_start(state);
     float sum = 0;
     if (pass == "fwd_train") sum = x.sum();
     if (pass == "bwd") sum = (dy * x).sum();
@@ -266,6 +341,7 @@ void naive_eigen(benchmark::State& state, const Case& c, bnorm::Layout layout) {
   Eigen::TensorMap<const Eigen::Tensor<float, 1, Eigen::RowMajor>> w(d.weight.data(), c.channels()),
       b(d.bias.data(), c.channels());
   for (auto _ : state) {
+    cold_start(state);
     const Eigen::Tensor<float, 1, Eigen::RowMajor> mean = x.mean(reduce);
     const auto centered = x - mean.reshape(keep).broadcast(grow);
     const Eigen::Tensor<float, 1, Eigen::RowMajor> var = centered.square().mean(reduce);
@@ -333,6 +409,7 @@ void dnnl_bench(benchmark::State& state, const Case& c, const std::string& layou
             {DNNL_ARG_DIFF_SCALE_SHIFT, diff_ss}};
   }
   for (auto _ : state) {
+    cold_start(state);
     prim.execute(strm, args);
     strm.wait();
   }
@@ -340,11 +417,11 @@ void dnnl_bench(benchmark::State& state, const Case& c, const std::string& layou
 }
 #endif
 
-void register_all() {
+void register_all(const std::vector<int>& thread_counts) {
   const char* passes[] = {"fwd_train", "fwd_infer", "bwd"};
   for (const Case& c : cases()) {
     const std::string shape = c.name();
-    for (int t : {1, 2}) {
+    for (int t : thread_counts) {
       const std::string threads = "/t" + std::to_string(t);
       benchmark::RegisterBenchmark(("memcpy/copy/-/" + shape + threads).c_str(), memcpy_bench, c, t);
       if (t == 1)  // the table compares one thread's
@@ -357,17 +434,17 @@ void register_all() {
           benchmark::RegisterBenchmark(
               ("bnorm/" + std::string(pass) + "/" + lname + "/" + shape + threads).c_str(),
               bnorm_bench, c, layout, std::string(pass), t);
-        if (t == 1) {
-          // A training step, through the functional layer and through a module.
-          const std::string step = "/step/" + lname + "/" + shape + threads;
-          benchmark::RegisterBenchmark(("bnorm" + step).c_str(), bnorm_bench, c, layout,
-                                       std::string("step"), t);
-          if (c.dims.size() == 4)
-            benchmark::RegisterBenchmark(("module" + step).c_str(), module_step<4>, c, layout, t);
-          if (c.dims.size() == 3)
-            benchmark::RegisterBenchmark(("module" + step).c_str(), module_step<3>, c, layout, t);
-          if (c.dims.size() == 2)
-            benchmark::RegisterBenchmark(("module" + step).c_str(), module_step<2>, c, layout, t);
+        // A training step, through the functional layer and through a module.
+        const std::string step = "/step/" + lname + "/" + shape + threads;
+        benchmark::RegisterBenchmark(("bnorm" + step).c_str(), bnorm_bench, c, layout,
+                                     std::string("step"), t);
+        if (c.dims.size() == 4)
+          benchmark::RegisterBenchmark(("module" + step).c_str(), module_step<4>, c, layout, t);
+        if (c.dims.size() == 3)
+          benchmark::RegisterBenchmark(("module" + step).c_str(), module_step<3>, c, layout, t);
+        if (c.dims.size() == 2)
+          benchmark::RegisterBenchmark(("module" + step).c_str(), module_step<2>, c, layout, t);
+        if (t == 1) {  // what one writes by hand runs on one thread
           const std::string name = "naive_eigen/fwd_train/" + lname + "/" + shape + threads;
           if (c.dims.size() == 2) benchmark::RegisterBenchmark(name.c_str(), naive_eigen<2>, c, layout);
           if (c.dims.size() == 3) benchmark::RegisterBenchmark(name.c_str(), naive_eigen<3>, c, layout);
@@ -390,7 +467,11 @@ void register_all() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  register_all();
+  // OpenMP's threads (oneDNN's) wait for work passively, so that they do not spin on cores
+  // while another implementation is timed (a user's setting wins).
+  setenv("OMP_WAIT_POLICY", "passive", 0);
+  register_all(own_flags(argc, argv));
+  benchmark::AddCustomContext("regime", cold() ? "cold" : "warm");
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Runs bnorm_bench (or reads its JSON output) and prints ratios per shape, as Markdown.
 
-    benchmarks/compare.py build/test/benchmarks/bnorm_bench [--filter RE] [--readme README.md]
+    benchmarks/compare.py build/test/benchmarks/bnorm_bench [--threads 1,4,8] [--filter RE] [--readme README.md]
     benchmarks/compare.py --json run1.json [run2.json ...]
     benchmarks/compare.py --ab OLD_BENCH NEW_BENCH [--rounds 5] [--filter RE]
 
@@ -31,6 +31,10 @@ import sys
 PASSES = ["fwd_train", "fwd_infer", "bwd"]
 
 
+THREADS = None  # --threads for bnorm_bench (None: its default, 1 and every core)
+COLD = False  # --cold for bnorm_bench: caches flushed before every timed call
+
+
 def run(binary, filt, reps, min_time):
     # Repetitions of all benchmarks in random order: on a shared machine, whose speed drifts
     # over minutes, the medians of a benchmark and of the memcpy it is compared with are then
@@ -40,6 +44,10 @@ def run(binary, filt, reps, min_time):
            "--benchmark_enable_random_interleaving=true"]
     if filt:
         cmd.append(f"--benchmark_filter={filt}")
+    if THREADS:
+        cmd.append(f"--threads={THREADS}")
+    if COLD:
+        cmd.append("--cold")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out)
 
@@ -78,27 +86,36 @@ def machine(context):
             f"-O3 -march=native")
 
 
-def cells(times):
+def thread_counts(times):
+    """The thread counts above 1 in a run (bnorm_bench --threads), in order."""
+    return sorted({int(k[4][1:]) for k in times if k[0] == "bnorm"} - {1})
+
+
+def cells(times, counts):
     """Per (shape, layout, pass), in registration order: bnorm's time in ms (1 thread), then the
-    ratios of the table (None where a peer is missing)."""
+    ratios of the table (None where a peer is missing): 1 thread's, then for each of `counts`
+    the speed-up over 1 thread, bnorm / memcpy and oneDNN best / bnorm at that count."""
     out = {}
     for (impl, pas, layout, shape, threads), b1 in times.items():
-        if impl != "bnorm" or threads != "t1":
+        if impl != "bnorm" or threads != "t1" or pas not in PASSES:
             continue
-        mem = {t: times.get(("memcpy", "copy", "-", shape, t)) for t in ("t1", "t2")}
+        mem = lambda t: times.get(("memcpy", "copy", "-", shape, t))
+        best = lambda t: min([times[k] for k in times if k[0] == "onednn" and k[1] == pas
+                              and k[3] == shape and k[4] == t], default=None)
         loops = times.get(("loops", pas, "-", shape, "t1"))
-        b2 = times.get(("bnorm", pas, layout, shape, "t2"))
-        peers = [times[k] for k in times
-                 if k[0] == "onednn" and k[1] == pas and k[3] == shape and k[4] == "t1"]
         naive = times.get(("naive_eigen", pas, layout, shape, "t1"))
-        out[(shape, layout, pas)] = [
-            b1,
-            b1 / mem["t1"] if mem["t1"] else None,
-            loops / mem["t1"] if loops and mem["t1"] else None,
-            min(peers) / b1 if peers else None,
-            naive / b1 if naive else None,
-            b1 / b2 if b2 else None,
-            b2 / mem["t2"] if b2 and mem["t2"] else None]
+        row = [b1,
+               b1 / mem("t1") if mem("t1") else None,
+               loops / mem("t1") if loops and mem("t1") else None,
+               best("t1") / b1 if best("t1") else None,
+               naive / b1 if naive else None]
+        for n in counts:
+            t = f"t{n}"
+            bt = times.get(("bnorm", pas, layout, shape, t))
+            row += [b1 / bt if bt else None,
+                    bt / mem(t) if bt and mem(t) else None,
+                    best(t) / bt if bt and best(t) else None]
+        out[(shape, layout, pas)] = row
     return out
 
 
@@ -144,13 +161,18 @@ def median_of_runs(runs):
     return combined
 
 
-def table(figures, context, runs=1):
+def table(figures, context, counts, runs=1):
     what = "Medians of one run" if runs == 1 else f"Medians over {runs} runs"
-    lines = [f"Machine: {machine(context)}. {what}.", ""]
-    lines.append("| shape | layout | pass | bnorm ms (1 thr) | bnorm / memcpy | loops / memcpy "
-                 "| oneDNN best / bnorm | naive Eigen / bnorm | 2 thr speedup "
-                 "| bnorm 2 thr / memcpy 2 thr |")
-    lines.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    regime = ("cold: the caches flushed before every timed call"
+              if context.get("regime") == "cold" else
+              "warm: each implementation's calls back to back")
+    lines = [f"Machine: {machine(context)}. {what}; {regime}.", ""]
+    head = ("| shape | layout | pass | bnorm ms (1 thr) | bnorm / memcpy | loops / memcpy "
+            "| oneDNN best / bnorm | naive Eigen / bnorm |")
+    for n in counts:
+        head += f" {n} thr speedup | bnorm {n} thr / memcpy {n} thr | oneDNN best / bnorm {n} thr |"
+    lines.append(head)
+    lines.append("|---|---|---|" + "---:|" * (5 + 3 * len(counts)))
     worst = {}
     shapes = []
     for shape, _, _ in figures:
@@ -234,7 +256,14 @@ def main():
     ap.add_argument("--ab", nargs=2, metavar=("OLD", "NEW"),
                     help="compare bnorm in two builds of the benchmark (see above)")
     ap.add_argument("--rounds", type=int, default=5, help="rounds of --ab")
+    ap.add_argument("--cold", action="store_true",
+                    help="flush the caches before every timed call (default: warm)")
+    ap.add_argument("--threads", help="thread counts for bnorm_bench, e.g. 1,4,8,16 "
+                    "(default: 1 and every core)")
     args = ap.parse_args()
+    global THREADS, COLD
+    THREADS = args.threads
+    COLD = args.cold
     if args.ab:
         if args.rounds < 1:
             ap.error("--rounds must be at least 1")
@@ -251,8 +280,9 @@ def main():
         ap.error("give the benchmark binary or --json")
     if args.save:
         json.dump(runs[0], open(args.save, "w"))
-    figures = median_of_runs([cells(medians(data)) for data in runs])
-    text = table(figures, runs[0].get("context", {}), len(runs))
+    counts = thread_counts(medians(runs[0]))
+    figures = median_of_runs([cells(medians(data), counts) for data in runs])
+    text = table(figures, runs[0].get("context", {}), counts, len(runs))
     steps = median_of_runs([step_cells(medians(data)) for data in runs])
     if steps:
         text += "\n" + step_table(steps)

@@ -27,9 +27,9 @@ std::vector<Shape> shapes() {
       {300, 1030, 1, kLast},  {2000, 3, 1, kLast},   {9, 17, 13, kLast},   {2, 1, 3, kFirst},
       // Short runs, read in row order (or swept position by position where shorter than a
       // packet): several blocks of rows per channel, the last one cut short, in one piece of
-      // channels or in several (the last one narrower); backward, where BNORM_CACHE_BYTES is
+      // channels or in several (the last one narrower); backward, where the cache is
       // set small, in groups of channels (the last one narrower) applied with blended
-      // coefficients. Long runs cut into pieces, on the fused path: where BNORM_GROUP_BYTES is
+      // coefficients. Long runs cut into pieces, on the fused path: where the group room is
       // set small, in groups of two channels (one for backward), the last one narrower.
       {300, 37, 17, kFirst},  {150, 70, 15, kFirst}, {2, 9, 33000, kFirst},
       // Runs of a multiple of every packet size: a row's channels applied as one run (read in

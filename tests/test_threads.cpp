@@ -113,6 +113,41 @@ TEMPLATE_TEST_CASE("every pass is bit-identical for 1 to 8 threads on random sha
   check_draws<TestType>(12);
 }
 
+TEST_CASE("every pass gives the same bits under every tuning", "[functional][threads]") {
+  // Streamed or plain stores, far parts, groups of channels, reductions in groups: how a pass
+  // walks memory never changes what it computes.
+  const bnorm::Tuning program = bnorm::tuning();
+  struct Restore {
+    bnorm::Tuning t;
+    ~Restore() { bnorm::set_tuning(t); }
+  } restore{program};
+  bnorm::Tuning machine = bnorm::machine_tuning(), small = machine, streamed = machine;
+  CHECK(machine.last_level_cache_bytes > 0);
+  small.last_level_cache_bytes = 1000000;
+  small.far_bytes = 0;
+  small.group_bytes = 300000;
+  streamed.stream_bytes = 0;
+  streamed.stream_by_size_alone = true;
+  testing::Pool two(2);
+  for (int i = 0; i < 6; ++i) {
+    const Shape sh = draw_shape();
+    INFO(describe(sh));
+    const auto x = testing::random_input<float>(sh);
+    const auto dy = testing::random_input<float>(sh, 1.0);
+    const auto w = testing::random_vector<float>(sh.channels, 0.5, 2.0);
+    const auto b = testing::random_vector<float>(sh.channels, -1.0, 1.0);
+    bnorm::set_tuning(machine);
+    const auto first = every_pass(sh, x, dy, w, b, two.device.get());
+    REQUIRE(std::all_of(first.begin(), first.end(), [](float v) { return std::isfinite(v); }));
+    const bnorm::Tuning* tunings[] = {&small, &streamed, &program};
+    for (const bnorm::Tuning* t : tunings) {
+      bnorm::set_tuning(*t);
+      CHECK(testing::same_bits(every_pass(sh, x, dy, w, b, two.device.get()), first));
+      CHECK(testing::same_bits(every_pass(sh, x, dy, w, b, nullptr), first));
+    }
+  }
+}
+
 TEST_CASE("channels-last 32 x 520 x 7 x 7 is bit-identical at 3 threads", "[functional][threads]") {
   const Shape sh{32, 520, 49, Layout::ChannelsLast};
   const auto x = testing::random_input<float>(sh);

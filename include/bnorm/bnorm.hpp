@@ -10,6 +10,7 @@
 #include "batch_norm.hpp"
 #include "functional.hpp"
 #include "options.hpp"
+#include "tuning.hpp"
 
 #define BNORM_VERSION_MAJOR 0
 #define BNORM_VERSION_MINOR 1

@@ -21,10 +21,10 @@
 #include <cassert>
 #include <cmath>
 #include <cstdint>
-#include <fstream>
 #include <numeric>
 #include <vector>
 
+#include "../tuning.hpp"
 #include "parallel.hpp"
 #include "simd.hpp"
 
@@ -1060,44 +1060,16 @@ RowCoefs<T> layout_row_coefs(int coefs, Index C, Index c0, Index c1, Index inner
   return {ext, stride, width};
 }
 
-/// Outputs at least this large (or BNORM_STREAM_BYTES, where that is defined) may be written with
-/// non-temporal stores (see streams_output): they would not stay in cache anyway, and streaming
-/// them skips the read-for-ownership of every output line, which is what lets a memcpy move only
-/// two streams of data where a plain loop moves three.
-#ifdef BNORM_STREAM_BYTES
-inline constexpr Index kStreamBytes = BNORM_STREAM_BYTES;
-#else
-inline constexpr Index kStreamBytes = Index{8} << 20;
-#endif
-
-/// The size of the last-level cache, read once. Linux's own figure comes first: a hypervisor
-/// may report another through CPUID, which Eigen reads (on an AMD EPYC VM, 320 MiB for a cache
-/// of 32 MiB).
-inline Index last_level_cache_bytes() {
-#ifdef BNORM_CACHE_BYTES
-  return BNORM_CACHE_BYTES;  // for tests: the tests' tensors then take the paths of large ones
-#endif
-  static const Index bytes = [] {
-    Index kib = 0;
-#if defined(__linux__)
-    std::ifstream("/sys/devices/system/cpu/cpu0/cache/index3/size") >> kib;  // "32768K"
-#endif
-    return kib > 0 ? kib << 10 : Index(Eigen::l3CacheSize());
-  }();
-  return bytes;
-}
+/// The last-level cache the kernels plan by (see Tuning).
+inline Index last_level_cache_bytes() { return tuning().last_level_cache_bytes; }
 
 /// Main memory is written and read faster with two streams far apart in flight than with one
 /// (not so data in cache, where more streams only cost): the elementwise passes over data too
-/// large for half the last-level cache (other processes share it), or for BNORM_FAR_BYTES
-/// where that is defined, walk two parts of their rows side by side.
+/// large for half the last-level cache (other processes share it), or for Tuning::far_bytes
+/// where that is set, walk two parts of their rows side by side.
 inline constexpr int kFarParts = 2;
 inline int apply_parts(const Geometry& g, int tensors, std::size_t element_bytes) {
-#ifdef BNORM_FAR_BYTES
-  const Index far = BNORM_FAR_BYTES;
-#else
-  const Index far = last_level_cache_bytes() / 2;
-#endif
+  const Index far = tuning().far_bytes.value_or(last_level_cache_bytes() / 2);
   return g.size() * tensors * Index(element_bytes) > far ? kFarParts : 1;
 }
 
@@ -1429,27 +1401,23 @@ void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>
   }
 }
 
-/// Whether the elementwise pass of s streams its output. One thread does so from kStreamBytes
-/// on. Several threads do so only where the pass's tensors do not fit in seven eighths of the
+/// Whether the elementwise pass of s streams its output. One thread does so from
+/// Tuning::stream_bytes on. Several threads do so only where the pass's tensors do not fit in seven eighths of the
 /// last-level cache together (the rest holds code, tables and other processes' lines): the
 /// cache's bandwidth grows with the threads, memory's much less. (On the AMD EPYC VM, 2 threads
 /// over tensors of 12.8 MB, 80% of the L3 for two, streamed an inference at 1.7-1.9x a 2-thread
 /// memcpy, 1.1-1.3x not streamed; one thread at 1.0-1.1x streamed, 1.0-1.5x not. Over two of
 /// 16 MiB, the whole L3, 2-thread forward training took 1.8-2.1x not streamed, 1.4-1.7x
 /// streamed, in two A/B runs; inference was even.)
-/// BNORM_STREAM_BYTES, where defined, makes the size alone decide, whatever the threads.
+/// Tuning::stream_by_size_alone makes the size alone decide, whatever the threads.
 template <class T, int kInputs>
-bool streams_output(const Geometry& g, [[maybe_unused]] const Streams<T, kInputs>& s,
-                    [[maybe_unused]] const Eigen::ThreadPoolDevice* device) {
+bool streams_output(const Geometry& g, const Streams<T, kInputs>& s,
+                    const Eigen::ThreadPoolDevice* device) {
   const Index bytes = g.size() * Index(sizeof(T));
-#ifdef BNORM_STREAM_BYTES
-  const bool by_threads = true;
-#else
   const int tensors = kInputs + 1 + (s.copy ? 1 : 0);
-  const bool by_threads =
-      workers(device) == 1 || bytes * tensors > last_level_cache_bytes() / 8 * 7;
-#endif
-  return bytes >= kStreamBytes && by_threads;
+  const bool by_threads = tuning().stream_by_size_alone || workers(device) == 1 ||
+                          bytes * tensors > last_level_cache_bytes() / 8 * 7;
+  return bytes >= tuning().stream_bytes && by_threads;
 }
 
 template <class Op, class T>
@@ -1487,14 +1455,12 @@ void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>
 /// processes: each group may take a quarter of it, split among the workers. Groups this large
 /// give the reduction long runs of memory to read in order (a row's channels lie one after the
 /// other): in groups of 512 KiB, walked a channel at a time, backward took 1.2-1.4x as long on
-/// 28 x 28 and 56 x 56 images. (BNORM_GROUP_BYTES, where defined, sets the room of a group.)
+/// 28 x 28 and 56 x 56 images. (Tuning::group_bytes, where set, is the room of a group.)
 inline Index channels_per_group(const Geometry& g, int inputs, std::size_t element_bytes,
                                 Index workers) {
   const Index bytes = g.per_channel() * inputs * Index(element_bytes);
-  Index room = std::max<Index>(Index{512} << 10, last_level_cache_bytes() / (4 * workers));
-#ifdef BNORM_GROUP_BYTES
-  room = BNORM_GROUP_BYTES;  // for tests: several groups on small tensors
-#endif
+  const Index room = tuning().group_bytes.value_or(
+      std::max<Index>(Index{512} << 10, last_level_cache_bytes() / (4 * workers)));
   return std::max<Index>(1, room / std::max<Index>(bytes, 1));
 }
 
