@@ -52,11 +52,27 @@ std::string describe(const Shape& s) {
   return o.str();
 }
 
+/// A shape's random inputs: x and dy with non-zero means, weight and bias.
+template <class T>
+struct Inputs {
+  explicit Inputs(const Shape& s)
+      : sh(s), x(testing::random_input<T>(s)), dy(testing::random_input<T>(s, 1.0)),
+        w(testing::random_vector<T>(s.channels, 0.5, 2.0)),
+        b(testing::random_vector<T>(s.channels, -1.0, 1.0)) {}
+  Shape sh;
+  std::vector<T> x, dy, w, b;
+};
+
+template <class T>
+bool all_finite(const std::vector<T>& v) {
+  return std::all_of(v.begin(), v.end(), [](T e) { return std::isfinite(e); });
+}
+
 /// Every output of every pass, one after the other.
 template <class T>
-std::vector<T> every_pass(const Shape& sh, const std::vector<T>& x, const std::vector<T>& dy,
-                          const std::vector<T>& w, const std::vector<T>& b,
-                          const Eigen::ThreadPoolDevice* device) {
+std::vector<T> every_pass(const Inputs<T>& in, const Eigen::ThreadPoolDevice* device) {
+  const Shape& sh = in.sh;
+  const std::vector<T>&x = in.x, &dy = in.dy, &w = in.w, &b = in.b;
   const fn::Shape shape{sh.batch, sh.channels, sh.spatial, sh.layout};
   const Index C = sh.channels;
   std::vector<T> out;
@@ -90,18 +106,14 @@ void check_draws(int draws) {
   std::array<std::unique_ptr<testing::Pool>, kMostThreads + 1> pools;
   for (int t = 2; t <= kMostThreads; ++t) pools[std::size_t(t)] = std::make_unique<testing::Pool>(t);
   for (int i = 0; i < draws; ++i) {
-    const Shape sh = draw_shape();
-    INFO(describe(sh));
-    const auto x = testing::random_input<T>(sh);
-    const auto dy = testing::random_input<T>(sh, 1.0);
-    const auto w = testing::random_vector<T>(sh.channels, 0.5, 2.0);
-    const auto b = testing::random_vector<T>(sh.channels, -1.0, 1.0);
-    const auto one = every_pass(sh, x, dy, w, b, nullptr);
+    const Inputs<T> in(draw_shape());
+    INFO(describe(in.sh));
+    const auto one = every_pass(in, nullptr);
     // Every value written (poisoned buffers hold NaN, and the inputs are finite).
-    REQUIRE(std::all_of(one.begin(), one.end(), [](T v) { return std::isfinite(v); }));
+    REQUIRE(all_finite(one));
     for (int t = 2; t <= kMostThreads; ++t) {
       INFO("threads " << t);
-      CHECK(testing::same_bits(every_pass(sh, x, dy, w, b, pools[std::size_t(t)]->device.get()), one));
+      CHECK(testing::same_bits(every_pass(in, pools[std::size_t(t)]->device.get()), one));
     }
   }
 }
@@ -130,31 +142,22 @@ TEST_CASE("every pass gives the same bits under every tuning", "[functional][thr
   streamed.stream_by_size_alone = true;
   testing::Pool two(2);
   for (int i = 0; i < 6; ++i) {
-    const Shape sh = draw_shape();
-    INFO(describe(sh));
-    const auto x = testing::random_input<float>(sh);
-    const auto dy = testing::random_input<float>(sh, 1.0);
-    const auto w = testing::random_vector<float>(sh.channels, 0.5, 2.0);
-    const auto b = testing::random_vector<float>(sh.channels, -1.0, 1.0);
+    const Inputs<float> in(draw_shape());
+    INFO(describe(in.sh));
     bnorm::set_tuning(machine);
-    const auto first = every_pass(sh, x, dy, w, b, two.device.get());
-    REQUIRE(std::all_of(first.begin(), first.end(), [](float v) { return std::isfinite(v); }));
+    const auto first = every_pass(in, two.device.get());
+    REQUIRE(all_finite(first));
     const bnorm::Tuning* tunings[] = {&small, &streamed, &program};
     for (const bnorm::Tuning* t : tunings) {
       bnorm::set_tuning(*t);
-      CHECK(testing::same_bits(every_pass(sh, x, dy, w, b, two.device.get()), first));
-      CHECK(testing::same_bits(every_pass(sh, x, dy, w, b, nullptr), first));
+      CHECK(testing::same_bits(every_pass(in, two.device.get()), first));
+      CHECK(testing::same_bits(every_pass(in, nullptr), first));
     }
   }
 }
 
 TEST_CASE("channels-last 32 x 520 x 7 x 7 is bit-identical at 3 threads", "[functional][threads]") {
-  const Shape sh{32, 520, 49, Layout::ChannelsLast};
-  const auto x = testing::random_input<float>(sh);
-  const auto dy = testing::random_input<float>(sh, 1.0);
-  const auto w = testing::random_vector<float>(sh.channels, 0.5, 2.0);
-  const auto b = testing::random_vector<float>(sh.channels, -1.0, 1.0);
+  const Inputs<float> in(Shape{32, 520, 49, Layout::ChannelsLast});
   testing::Pool three(3);
-  CHECK(testing::same_bits(every_pass(sh, x, dy, w, b, three.device.get()),
-                           every_pass(sh, x, dy, w, b, nullptr)));
+  CHECK(testing::same_bits(every_pass(in, three.device.get()), every_pass(in, nullptr)));
 }
