@@ -1402,9 +1402,9 @@ void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>
 }
 
 /// Whether the elementwise pass of s streams its output. One thread does so from
-/// Tuning::stream_bytes on. Several threads do so only where the pass's tensors do not fit in seven eighths of the
-/// last-level cache together (the rest holds code, tables and other processes' lines): the
-/// cache's bandwidth grows with the threads, memory's much less. (On the AMD EPYC VM, 2 threads
+/// Tuning::stream_bytes on. Several threads do so only where the pass's tensors do not fit in
+/// seven eighths of the last-level cache together (the rest holds code, tables and other
+/// processes' lines): the cache's bandwidth grows with the threads, memory's much less. (On the AMD EPYC VM, 2 threads
 /// over tensors of 12.8 MB, 80% of the L3 for two, streamed an inference at 1.7-1.9x a 2-thread
 /// memcpy, 1.1-1.3x not streamed; one thread at 1.0-1.1x streamed, 1.0-1.5x not. Over two of
 /// 16 MiB, the whole L3, 2-thread forward training took 1.8-2.1x not streamed, 1.4-1.7x
