@@ -11,6 +11,7 @@ namespace {
   bnorm::Tuning t = bnorm::tuning();
 #ifdef BNORM_TEST_CACHE_BYTES
   t.last_level_cache_bytes = BNORM_TEST_CACHE_BYTES;
+  t.last_level_cpus = 1;  // the whole figure for any number of threads
 #endif
 #ifdef BNORM_TEST_STREAM_BYTES
   t.stream_bytes = BNORM_TEST_STREAM_BYTES;

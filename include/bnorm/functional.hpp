@@ -304,5 +304,30 @@ void backward(const Shape& shape, const T* dy, const T* x, T* dx, Statistics kin
                    grad_bias, ex);
 }
 
+/// The passes whose plan describe_plan tells.
+enum class Pass {
+  Training,        ///< forward_training
+  Inference,       ///< forward_inference
+  Backward,        ///< backward with Statistics::Batch
+  BackwardFrozen,  ///< backward with Statistics::Frozen and parameter gradients
+};
+
+/// What a call of `pass` on `shape` does on `threads` threads (the calling one included) under
+/// the current Tuning: every decision of its plan, one a line. copy_input: the forward also
+/// copies its input (as a module that keeps it does).
+template <class T>
+std::string describe_plan(const Shape& shape, Pass pass, Index threads = 1,
+                          bool copy_input = false) {
+  detail::check_shape(shape);
+  if (threads < 1)
+    throw std::invalid_argument("bnorm: describe_plan expects threads >= 1, got " +
+                                std::to_string(threads));
+  static const bnorm::detail::Traffic traffic[] = {{1, 1, false}, {0, 1, false}, {2, 2, false},
+                                                   {2, 1, false}};
+  bnorm::detail::Traffic t = traffic[int(pass)];
+  t.copy = copy_input && (pass == Pass::Training || pass == Pass::Inference);
+  return bnorm::detail::describe(bnorm::detail::make_plan<T>(detail::geometry(shape), t, threads));
+}
+
 }  // namespace functional
 BNORM_END_NAMESPACE

@@ -1,0 +1,368 @@
+#pragma once
+// Step 3: the elementwise pass over the whole tensor, split over the workers.
+
+#include <algorithm>
+#include <cassert>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <type_traits>
+#include <vector>
+
+#include "coefs.hpp"
+#include "ops.hpp"
+#include "plan.hpp"
+#include "reduce_sweep.hpp"
+#include "workspace.hpp"
+
+#include "../warnings_begin.hpp"
+
+BNORM_BEGIN_NAMESPACE
+namespace detail {
+
+/// Cuts [first, first + count) into K parts of count / K and calls fn(starts, part, K) with
+/// the K starts, then fn(&start, rest, 1) for what is left over (rest < K), if anything.
+template <int K, class Fn>
+void split_in(Index first, Index count, Fn& fn) {
+  const Index part = count / K;
+  if (part > 0) {
+    Index starts[std::size_t(K)];
+    for (int j = 0; j < K; ++j) starts[j] = first + j * part;
+    fn(static_cast<const Index*>(starts), part, std::integral_constant<int, K>{});
+  }
+  if (count > K * part) {
+    const Index start = first + K * part;
+    fn(&start, count - K * part, std::integral_constant<int, 1>{});
+  }
+}
+
+/// Passes over far ACROSS data whose table of coefficients is larger than kL1TableBytes, and
+/// that read two inputs (backward), walk kTableParts parts instead of kFarParts. Such a table
+/// does not stay in L1 beside the rows streaming through it (four coefficients of 1024 channels
+/// take 16 KiB of a 32 KiB L1), so its packets come from L2, and each of them serves one run per
+/// part. (On the AMD EPYC VM, channels-last backward's elementwise pass alone, bnorm / memcpy,
+/// over 12.8 MB: 2.1-2.4 with two parts on 1024 and 2048 channels against 1.4-1.7 on 512, where
+/// the table fits, and 1.35 with the table cut to 256 channels' worth, wrong results but the
+/// same streams; 1.6-2.1 with four parts, 2.0-2.1 with three. Whole backward passes, medians of
+/// 9 runs of two builds in turn, 1 thread: 32 x 1024 x 14 x 14 0.92x the time, 32 x 2048 x 7 x 7
+/// and 4096 x 1024 0.89x. Cutting the rows into pieces as wide as a table that fits was slower,
+/// 2.4-3.4: the reads of a piece's rows jump from page to page. The forward passes, one input,
+/// already run at the pace of their streamed stores: four parts made their pass alone 1.0-1.4x
+/// slower, mostly 1.2-1.35x; in cache, where more runs only add streams, so did four parts on
+/// backward.)
+inline constexpr int kTableParts = 4;
+inline constexpr Index kL1TableBytes = Index{8} << 10;
+
+/// split_in with K = `parts`: 1, kFarParts, or kMost.
+template <int kMost, class Fn>
+void split_in(int parts, Index first, Index count, Fn fn) {
+  if constexpr (kMost != kFarParts)
+    if (parts == kMost) return split_in<kMost>(first, count, fn);
+  if (parts == kFarParts) split_in<kFarParts>(first, count, fn);
+  else split_in<1>(first, count, fn);
+}
+template <class Fn>
+void split_in(int parts, Index first, Index count, Fn fn) {
+  split_in<kFarParts>(parts, first, count, fn);
+}
+
+/// Op over elements [0, n) of K runs at off[0..K), which share their coefficients (the same
+/// sequence of them from the start of each run), side by side. With kStream, packets are
+/// stored non-temporally at aligned addresses; runs whose alignments differ go one by one, as do
+/// runs with an output that trails an input closely (see kAliasBytes), loaded kAhead packets
+/// ahead.
+template <class Op, bool kStream, int K, int kAhead = 0, class T, class Coefs>
+void apply_runs(const Streams<T, Op::kInputs>& s, const Index* off, Index n, Coefs k) {
+  using P = Packet<T>;
+  constexpr Index L = kLanes<T>;
+  auto misalignment = [](const T* p) { return reinterpret_cast<std::uintptr_t>(p) % sizeof(P); };
+  for (int r = 1; r < K; ++r) {
+    if (misalignment(s.out + off[r]) != misalignment(s.out + off[0]) ||
+        (s.copy && misalignment(s.copy + off[r]) != misalignment(s.copy + off[0]))) {
+      for (int j = 0; j < K; ++j) apply_runs<Op, kStream, 1, kAhead>(s, off + j, n, k);
+      return;
+    }
+  }
+  if constexpr (kAhead == 0 && Op::kInputs == 1) {
+    bool trails = false;
+    for (int r = 0; r < K; ++r)
+      for (int q = 0; q < K; ++q)
+        for (int j = 0; j < Op::kInputs; ++j) {
+          const T* input = s.in[j] + off[q];
+          trails = trails || trails_closely(s.out + off[r], input) ||
+                   (s.copy && trails_closely(s.copy + off[r], input));
+        }
+    if (trails) {
+      for (int j = 0; j < K; ++j) apply_runs<Op, kStream, 1, kAheadPackets>(s, off + j, n, k);
+      return;
+    }
+  }
+  // Where each run reads and writes, in locals: the compiler must assume that stores through
+  // packets may change anything in memory, s and off[] included.
+  const T* in[std::size_t(K)][std::size_t(Op::kInputs)];
+  T* out[std::size_t(K)];
+  T* copy[std::size_t(K)];
+  for (int r = 0; r < K; ++r) {
+    for (int j = 0; j < Op::kInputs; ++j) in[r][j] = s.in[j] + off[r];
+    out[r] = s.out + off[r];
+    copy[r] = s.copy ? s.copy + off[r] : nullptr;
+  }
+  // With kAhead, ahead[a][r] holds run r's inputs of the whole packet a packets after the next
+  // one to apply (ahead[0]: that one), in registers: their indices are constants.
+  P ahead[std::size_t(std::max(kAhead, 1))][std::size_t(K)][std::size_t(Op::kInputs)];
+  // Elements [i, i + count) of every run: one whole packet, or the first count < L of one;
+  // its coefficients are t packets on from k's position.
+  auto packets = [&](Index i, Index t, Index count, auto whole, bool stream, bool stream_copy) {
+    P kp[Op::kCoefs];
+    unroll<Op::kCoefs>([&](int j) { kp[j] = k.packet(j, t); });
+    unroll<K>([&](int r) {
+      P v[Op::kInputs];
+      if constexpr (decltype(whole)::value) {
+        if constexpr (kAhead > 0) {
+          unroll<Op::kInputs>([&](int j) {
+            v[j] = ahead[0][r][j];
+            unroll<kAhead - 1>([&](int a) { ahead[a][r][j] = ahead[a + 1][r][j]; });
+          });
+          if (i + (kAhead + 1) * L <= n)  // before this packet's stores
+            unroll<Op::kInputs>([&](int j) {
+              ahead[kAhead - 1][r][j] = ei::ploadu<P>(in[r][j] + i + kAhead * L);
+            });
+        } else {
+          unroll<Op::kInputs>([&](int j) { v[j] = ei::ploadu<P>(in[r][j] + i); });
+        }
+        const P y = Op::apply(v, kp);
+        if (kStream && stream) stream_store(out[r] + i, y);
+        else ei::pstoreu(out[r] + i, y);
+        if (kStream && stream_copy) stream_store(copy[r] + i, v[0]);
+        else if (copy[r]) ei::pstoreu(copy[r] + i, v[0]);
+      } else {
+        unroll<Op::kInputs>([&](int j) { v[j] = load_first(in[r][j] + i, count); });
+        store_first(out[r] + i, Op::apply(v, kp), count);
+        if (copy[r]) store_first(copy[r] + i, v[0], count);
+      }
+    });
+  };
+  // The first packet is cut short where that aligns the stores that follow (and the loads, where
+  // inputs and output are equally misaligned, as buffers from one allocator are): a packet
+  // across two cache lines costs two accesses.
+  Index i = 0;
+  bool stream = false, stream_copy = false;
+  const auto m = misalignment(out[0]);
+  if (m % sizeof(T) == 0 && (kCutsFirstPacket<Coefs> || m == 0)) {  // else misaligned packets
+    i = std::min(n, Index((sizeof(P) - m) % sizeof(P) / sizeof(T)));
+    if (i > 0) packets(0, 0, i, std::false_type{}, false, false);
+    k.next(i);
+    stream = kStream;
+    stream_copy = kStream && copy[0] && misalignment(copy[0] + i) == 0;
+  }
+  if constexpr (kAhead > 0)
+    unroll<kAhead>([&](int a) {
+      if (i + (a + 1) * L <= n)
+        unroll<K>([&](int r) {
+          unroll<Op::kInputs>([&](int j) { ahead[a][r][j] = ei::ploadu<P>(in[r][j] + i + a * L); });
+        });
+    });
+  // Stretches of whole packets up to where the coefficients wrap around.
+  while (i + L <= n) {
+    const Index stretch = std::min((n - i) / L, k.span());
+    assert(stretch > 0 && "a packet straddles two channels' coefficients");
+    for (Index t = 0; t < stretch; ++t)
+      packets(i + t * L, t, L, std::true_type{}, stream, stream_copy);
+    i += stretch * L;
+    k.next(stretch * L);
+  }
+  if (i < n) packets(i, 0, n - i, std::false_type{}, false, false);
+}
+
+/// ALONG: rows [o0, o1) of channels [c0, c1), in `parts` parts side by side.
+/// coef[k * channels + c] is coefficient k of c.
+template <class Op, bool kStream, class T>
+void apply_along(const Geometry& g, const Streams<T, Op::kInputs>& s, const T* coef, Index o0,
+                 Index o1, Index c0, Index c1, int parts) {
+  // A row's channels go as one run where no packet straddles two of them: runs of a multiple of
+  // the packet size, and no cut first packet (apply_runs aligns its stores); or where packets
+  // take their coefficients blended from two channels' (short runs). Else a run per channel.
+  const bool whole_rows = g.inner % kLanes<T> == 0 &&
+                          reinterpret_cast<std::uintptr_t>(s.out) % sizeof(Packet<T>) == 0;
+  const bool blended = !whole_rows && g.inner >= kLanes<T> && g.inner < kShortRun;
+  split_in(parts, o0, o1 - o0, [&](const Index* starts, Index rows, auto tag) {
+    constexpr int K = decltype(tag)::value;
+    for (Index o = 0; o < rows; ++o) {
+      for (Index c = c0; c < c1; c = whole_rows || blended ? c1 : c + 1) {
+        Index off[std::size_t(K)];
+        for (int j = 0; j < K; ++j) off[j] = ((starts[j] + o) * g.channels + c) * g.inner;
+        if (blended)
+          apply_runs<Op, kStream, K>(
+              s, off, (c1 - c) * g.inner,
+              BlendCoefs<T, Op::kCoefs>(coef + c, c1 - c, g.inner, g.channels));
+        else
+          apply_runs<Op, kStream, K>(s, off, (whole_rows ? c1 - c : 1) * g.inner,
+                                     RunCoefs<T, Op::kCoefs>(coef, g.channels, c, g.inner));
+      }
+    }
+  });
+}
+
+// A chunk's table of coefficients takes at most this much: a third of a 48 KiB L1 data cache,
+// beside the inputs streaming through it. (32 KiB, for the four of backward, was 5-12% slower.)
+inline constexpr Index kChunkTableBytes = Index{16} << 10;
+
+/// ALONG, short runs: channels per chunk, and the room a chunk's RowCoefs take.
+template <class Op, class T>
+Index chunk_channels(const Geometry& g) {
+  return std::max<Index>(1, kChunkTableBytes / (Op::kCoefs * Index(sizeof(T))) / g.inner);
+}
+template <class T>
+Index chunk_table_size(const Geometry& g, Index channels, int coefs) {
+  return coefs * RowCoefs<T>::stride_for(channels * g.inner);
+}
+
+/// ALONG, short runs: Op over rows [o0, o1) of channels [c0, c1), each row's channels as one
+/// run, in `parts` parts side by side. `table` has room for chunk_table_size.
+template <class Op, bool kStream, class T>
+void apply_chunk(const Geometry& g, const Streams<T, Op::kInputs>& s, const T* coef, T* table,
+                 Index c0, Index c1, Index o0, Index o1, int parts) {
+  const auto k = layout_row_coefs(Op::kCoefs, g.channels, c0, c1, g.inner, coef, table);
+  split_in(parts, o0, o1 - o0, [&](const Index* starts, Index rows, auto tag) {
+    constexpr int K = decltype(tag)::value;
+    for (Index o = 0; o < rows; ++o) {
+      Index off[std::size_t(K)];
+      for (int j = 0; j < K; ++j) off[j] = ((starts[j] + o) * g.channels + c0) * g.inner;
+      apply_runs<Op, kStream, K>(s, off, (c1 - c0) * g.inner, k);
+    }
+  });
+}
+
+/// Step 3 alone, split over rows, with the coefficients in ws.coefs. ACROSS, each worker
+/// takes the blocks of rows it reduced and walks them from the last to the first, so that it
+/// starts on what is still in its cache (where there are fewer blocks than workers, the rows
+/// are shared out evenly instead).
+template <class Op, bool kStream, class T>
+void apply_all(const Plan& p, const Geometry& g, const Streams<T, Op::kInputs>& s,
+               Workspace<T>& ws, const Eigen::ThreadPoolDevice* device) {
+  const T* coef = ws.coefs.data();
+  int parts = p.parts;
+  const Index width = g.channels * g.inner;  // of a row
+  // Rows [r0, r1) in `parts` parts (at most `most`), each one run with coefficients k from its
+  // start.
+  using Far = std::integral_constant<int, kFarParts>;
+  auto apply_rows = [&](Index r0, Index r1, const auto& k, auto most) {
+    split_in<decltype(most)::value>(parts, r0, r1 - r0,
+                                    [&](const Index* starts, Index rows, auto tag) {
+      constexpr int K = decltype(tag)::value;
+      Index off[std::size_t(K)];
+      for (int j = 0; j < K; ++j) off[j] = starts[j] * width;
+      apply_runs<Op, kStream, K>(s, off, rows * width, k);
+    });
+    if constexpr (kStream) stream_fence();
+  };
+  constexpr Index L = kLanes<T>;
+  const bool permuted =
+      kPermutes<T> && !g.across() && g.channels % L == 0 && g.inner < kGroupPackets * L;
+  if (g.across()) {
+    // The table of coefficients goes between the rows modulo 4 KiB, as a sweep's tables do (see
+    // apart_from). On the AMD EPYC VM, with the table a line behind the rows' sets instead
+    // (medians of 5, 1 thread): 4096 x 1024 training took 1.35 ms against 1.11, channels-last
+    // 32 x 1024 x 3 x 3 backward 114 us against 99.
+    ws.row_coefs.resize(std::size_t(Op::kCoefs * RowCoefs<T>::stride_for(g.channels)) +
+                        kPageBytes / sizeof(T));
+    const T* streams[Op::kInputs + 2];
+    for (int j = 0; j < Op::kInputs; ++j) streams[j] = s.in[j];
+    streams[Op::kInputs] = s.out;
+    streams[Op::kInputs + 1] = s.copy ? s.copy : s.out;
+    T* table = apart_from<Op::kInputs + 2>(ws.row_coefs.data(), streams, g.channels);
+    const auto k = layout_row_coefs(Op::kCoefs, g.channels, 0, g.channels, 1, coef, table);
+    const Blocking& bl = p.blocking;
+    using Most = std::integral_constant<int, Op::kInputs == 2 ? kTableParts : kFarParts>;
+    if (parts == kFarParts && Op::kCoefs * g.channels * Index(sizeof(T)) > kL1TableBytes)
+      parts = Most::value;
+    if (p.split == Split::WholeBlocks) {
+      parallel_ranges(device, bl.blocks, [&](Index b0, Index b1) {
+        for (Index b = b1; b-- > b0;)
+          apply_rows(b * bl.rows, std::min(g.outer, (b + 1) * bl.rows), k, Most{});
+      });
+    } else {
+      parallel_ranges(device, g.outer, [&](Index r0, Index r1) { apply_rows(r0, r1, k, Most{}); });
+    }
+  } else if (g.inner < kShortRun && (g.inner >= kLanes<T> || permuted)) {
+    // Each worker's rows in memory order, as one run (in `parts` parts).
+    if (permuted) {
+      ws.lane_index.resize(std::size_t(g.inner * L));
+      for (Index i = 0; i < g.inner * L; ++i)
+        ws.lane_index[std::size_t(i)] = LaneIndex<T>(i / g.inner);
+    }
+    const LaneIndex<T>* index = ws.lane_index.data();
+    parallel_ranges(device, g.outer, [&](Index r0, Index r1) {
+      if (permuted)
+        apply_rows(r0, r1, GroupCoefs<T, Op::kCoefs>(coef, g.channels, g.inner, index), Far{});
+      else if (g.inner < kSelectPackets * kLanes<T>)
+        apply_rows(r0, r1, SelectCoefs<T, Op::kCoefs>(coef, g.channels, g.inner), Far{});
+      else
+        apply_rows(r0, r1, BlendCoefs<T, Op::kCoefs>(coef, g.channels, g.inner), Far{});
+    });
+  } else if (g.inner < kShortRun) {
+    const Index group = chunk_channels<Op, T>(g), groups = (g.channels + group - 1) / group;
+    const Index slot = worker_slot<T>(chunk_table_size<T>(g, group, Op::kCoefs));
+    ws.row_coefs.resize(std::size_t(slot * p.workers));
+    // Split over chunks where there are enough, else over rows.
+    const bool by_chunks = groups >= p.workers;
+    parallel_workers(device, by_chunks ? groups : g.outer, [&](Index w, Index i0, Index i1) {
+      T* table = ws.row_coefs.data() + w * slot;
+      for (Index q = by_chunks ? i0 : 0; q < (by_chunks ? i1 : groups); ++q)
+        apply_chunk<Op, kStream>(g, s, coef, table, q * group, std::min(g.channels, (q + 1) * group),
+                                 by_chunks ? 0 : i0, by_chunks ? g.outer : i1, parts);
+      if constexpr (kStream) stream_fence();
+    });
+  } else if (g.outer >= p.workers) {
+    parallel_ranges(device, g.outer, [&](Index o0, Index o1) {
+      apply_along<Op, kStream>(g, s, coef, o0, o1, 0, g.channels, parts);
+      if constexpr (kStream) stream_fence();
+    });
+  } else {
+    parallel_ranges(device, g.channels, [&](Index c0, Index c1) {
+      apply_along<Op, kStream>(g, s, coef, 0, g.outer, c0, c1, parts);
+      if constexpr (kStream) stream_fence();
+    });
+  }
+}
+
+/// Step 3 over the whole tensor as plan p says, with the coefficients in ws.coefs.
+template <class Op, class T>
+void apply_all(const Plan& p, const Streams<T, Op::kInputs>& s, Workspace<T>& ws,
+               const Eigen::ThreadPoolDevice* device) {
+  const Geometry& g = p.whole;
+  const Index C = g.channels, P = p.view.channels, head = p.view.outer * p.period;
+  if (p.period > 1) {
+    // period rows at a time as one row of P channels, with channel c % C's coefficients at c.
+    ws.period_coefs.resize(std::size_t(Op::kCoefs * P));
+    for (int j = 0; j < Op::kCoefs; ++j)
+      for (Index c = 0; c < P; ++c)
+        ws.period_coefs[std::size_t(j * P + c)] = ws.coefs[std::size_t(j * C + c % C)];
+    std::swap(ws.coefs, ws.period_coefs);
+  }
+  if (p.stream) apply_all<Op, true>(p, p.view, s, ws, device);
+  else apply_all<Op, false>(p, p.view, s, ws, device);
+  if (p.period > 1) {
+    std::swap(ws.coefs, ws.period_coefs);
+    if (head < g.outer) {  // the rows left over, as they are
+      Streams<T, Op::kInputs> rest = s;
+      for (auto& in : rest.in) in += head * C;
+      rest.out += head * C;
+      if (rest.copy) rest.copy += head * C;
+      apply_all<Op>(make_plan<T>(Geometry{g.outer - head, C, 1}, p.traffic, 1), rest, ws, nullptr);
+    }
+  }
+}
+
+/// Step 3 alone (inference), planned here.
+template <class Op, class T>
+void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>& ws,
+               const Eigen::ThreadPoolDevice* device) {
+  const Traffic traffic{0, Op::kInputs, s.copy != nullptr};
+  apply_all<Op>(make_plan<T>(g, traffic, workers(device)), s, ws, device);
+}
+
+}  // namespace detail
+BNORM_END_NAMESPACE
+
+#include "../warnings_end.hpp"
