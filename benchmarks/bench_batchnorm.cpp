@@ -3,9 +3,10 @@
 // tensors costs, with no per-channel work), a naive Eigen Tensor expression (what one writes by
 // hand) and oneDNN's batch normalization when it was found at configure time (BNORM_HAVE_DNNL).
 //
-// Usage: bnorm_bench [--threads=1,4,8,16] [--cold] [Google Benchmark's flags]. Every
+// Usage: bnorm_bench [--threads=1,4,8,16] [--cold] [--plans] [Google Benchmark's flags]. Every
 // implementation runs at each thread count (default: 1 and every core the machine has), warm
 // (calls back to back) or, with --cold, with the caches flushed before every timed call.
+// --plans prints the machine's figures and bnorm's plan for every entry, and runs nothing.
 //
 // Names: <impl>/<pass>/<layout>/<shape>/t<threads>, pass in fwd_train, fwd_infer, bwd, and step
 // (a training forward, then its backward), which bnorm runs through the functional layer and
@@ -19,6 +20,7 @@
 #include <bnorm/bnorm.hpp>
 
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
@@ -153,8 +155,33 @@ void cold_start(benchmark::State& state) {
   state.ResumeTiming();
 }
 
+bool& plans_only() {
+  static bool on = false;
+  return on;
+}
+
+/// --plans: what bnorm decides for every entry on this machine.
+void print_plans(const std::vector<int>& thread_counts) {
+  const bnorm::Tuning& t = bnorm::tuning();
+  std::printf("L1 %td KiB, L2 %td KiB per core, last level %td KiB shared by %td CPUs\n\n",
+              t.l1_bytes >> 10, t.l2_bytes >> 10, t.last_level_cache_bytes >> 10,
+              t.last_level_cpus);
+  const std::pair<const char*, fn::Pass> passes[] = {
+      {"fwd_train", fn::Pass::Training}, {"fwd_infer", fn::Pass::Inference},
+      {"bwd", fn::Pass::Backward}};
+  for (int threads : thread_counts)
+    for (const Case& c : cases())
+      for (auto layout : {bnorm::Layout::ChannelsFirst, bnorm::Layout::ChannelsLast})
+        for (const auto& [name, pass] : passes) {
+          const fn::Shape shape{c.batch(), c.channels(), c.spatial(), layout};
+          std::printf("bnorm/%s/%s/%s/t%d\n%s\n", name,
+                      layout == bnorm::Layout::ChannelsFirst ? "NCHW" : "NHWC", c.name().c_str(),
+                      threads, fn::describe_plan<float>(shape, pass, threads).c_str());
+        }
+}
+
 /// This program's own flags, removed from argv before Google Benchmark reads it: --threads=1,4,8
-/// (default: 1 and every core) and --cold.
+/// (default: 1 and every core), --cold and --plans.
 std::vector<int> own_flags(int& argc, char** argv) {
   std::vector<int> counts;
   int kept = 1;
@@ -162,6 +189,8 @@ std::vector<int> own_flags(int& argc, char** argv) {
     const std::string arg = argv[i];
     if (arg == "--cold") {
       cold() = true;
+    } else if (arg == "--plans") {
+      plans_only() = true;
     } else if (arg.rfind("--threads=", 0) == 0) {
       for (std::size_t at = 10; at < arg.size();) {
         const std::size_t comma = std::min(arg.find(',', at), arg.size());
@@ -473,7 +502,12 @@ int main(int argc, char** argv) {
   // OpenMP's threads (oneDNN's) wait for work passively, so that they do not spin on cores
   // while another implementation is timed (a user's setting wins).
   setenv("OMP_WAIT_POLICY", "passive", 0);
-  register_all(own_flags(argc, argv));
+  const std::vector<int> thread_counts = own_flags(argc, argv);
+  if (plans_only()) {
+    print_plans(thread_counts);
+    return 0;
+  }
+  register_all(thread_counts);
   benchmark::AddCustomContext("regime", cold() ? "cold" : "warm");
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;

@@ -4,6 +4,12 @@
     benchmarks/compare.py build/test/benchmarks/bnorm_bench [--threads 1,4,8] [--filter RE] [--readme README.md]
     benchmarks/compare.py --json run1.json [run2.json ...]
     benchmarks/compare.py --ab OLD_BENCH NEW_BENCH [--rounds 5] [--filter RE]
+    ... [--torch torch.json ...] [--plot speed.png]
+
+--torch merges the output of benchmarks/bench_torch.py (PyTorch on the same entries, a run of its
+own) as a "PyTorch best / bnorm" column per thread count. --plot draws, per shape and pass, the
+speed of bnorm (each layout), oneDNN's best layout and PyTorch's best against the thread count
+(matplotlib; Debian python3-matplotlib).
 
 --ab compares two builds of the benchmark (two commits, two sets of flags): it runs bnorm and the
 memcpy of each binary, the two binaries one after the other in alternating order, for --rounds
@@ -100,21 +106,24 @@ def cells(times, counts):
         if impl != "bnorm" or threads != "t1" or pas not in PASSES:
             continue
         mem = lambda t: times.get(("memcpy", "copy", "-", shape, t))
-        best = lambda t: min([times[k] for k in times if k[0] == "onednn" and k[1] == pas
-                              and k[3] == shape and k[4] == t], default=None)
+        best = lambda t, peer="onednn": min([times[k] for k in times if k[0] == peer and
+                                             k[1] == pas and k[3] == shape and k[4] == t],
+                                            default=None)
         loops = times.get(("loops", pas, "-", shape, "t1"))
         naive = times.get(("naive_eigen", pas, layout, shape, "t1"))
         row = [b1,
                b1 / mem("t1") if mem("t1") else None,
                loops / mem("t1") if loops and mem("t1") else None,
                best("t1") / b1 if best("t1") else None,
+               best("t1", "pytorch") / b1 if best("t1", "pytorch") else None,
                naive / b1 if naive else None]
         for n in counts:
             t = f"t{n}"
             bt = times.get(("bnorm", pas, layout, shape, t))
             row += [b1 / bt if bt else None,
                     bt / mem(t) if bt and mem(t) else None,
-                    best(t) / bt if bt and best(t) else None]
+                    best(t) / bt if bt and best(t) else None,
+                    best(t, "pytorch") / bt if bt and best(t, "pytorch") else None]
         out[(shape, layout, pas)] = row
     return out
 
@@ -168,11 +177,12 @@ def table(figures, context, counts, runs=1):
               "warm: each implementation's calls back to back")
     lines = [f"Machine: {machine(context)}. {what}; {regime}.", ""]
     head = ("| shape | layout | pass | bnorm ms (1 thr) | bnorm / memcpy | loops / memcpy "
-            "| oneDNN best / bnorm | naive Eigen / bnorm |")
+            "| oneDNN best / bnorm | PyTorch best / bnorm | naive Eigen / bnorm |")
     for n in counts:
-        head += f" {n} thr speedup | bnorm {n} thr / memcpy {n} thr | oneDNN best / bnorm {n} thr |"
+        head += (f" {n} thr speedup | bnorm {n} thr / memcpy {n} thr | oneDNN best / bnorm {n} thr"
+                 f" | PyTorch best / bnorm {n} thr |")
     lines.append(head)
-    lines.append("|---|---|---|" + "---:|" * (5 + 3 * len(counts)))
+    lines.append("|---|---|---|" + "---:|" * (6 + 4 * len(counts)))
     worst = {}
     shapes = []
     for shape, _, _ in figures:
@@ -193,6 +203,57 @@ def table(figures, context, counts, runs=1):
     lines.append("Worst bnorm / memcpy over the shapes (1 thread): " + ", ".join(
         f"{p} {l} {v:.2f}" for (p, l), v in sorted(worst.items())) + ".")
     return "\n".join(lines)
+
+
+def plot(times, path):
+    """Speed against the thread count, one panel per shape and pass: each implementation's calls
+    per second in units of a 1-thread memcpy of the same tensor (1 = a memcpy's pace)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = []
+    for (impl, pas, layout, shape, threads) in times:
+        if impl == "bnorm" and pas in PASSES and (shape, pas) not in panels:
+            panels.append((shape, pas))
+    columns = len(PASSES)
+    rows = (len(panels) + columns - 1) // columns
+    height = 2.6 * rows + 1.0
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, height), squeeze=False)
+    for ax, (shape, pas) in zip(axes.flat, panels):
+        mem1 = times.get(("memcpy", "copy", "-", shape, "t1"))
+        counts = sorted({int(k[4][1:]) for k in times if k[3] == shape and k[0] == "bnorm"})
+        def line(label, time_of, style):
+            xs, ys = [], []
+            for n in counts:
+                t = time_of(f"t{n}")
+                if t and mem1:
+                    xs.append(n)
+                    ys.append(mem1 / t)
+            if xs:
+                ax.plot(xs, ys, style, label=label)
+        for layout in ("NCHW", "NHWC"):
+            line(f"bnorm {layout}", lambda t, l=layout: times.get(("bnorm", pas, l, shape, t)),
+                 "o-" if layout == "NCHW" else "s-")
+        for peer, label in (("onednn", "oneDNN best"), ("pytorch", "PyTorch best")):
+            line(label, lambda t, p=peer: min([v for k, v in times.items() if k[0] == p and
+                                               k[1] == pas and k[3] == shape and k[4] == t],
+                                              default=None), "^--")
+        line("memcpy", lambda t: times.get(("memcpy", "copy", "-", shape, t)), "k:")
+        ax.set_title(f"{shape} {pas}", fontsize=9)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(counts)
+        ax.set_xticklabels([str(n) for n in counts])
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8)
+    fig.supxlabel("threads")
+    fig.supylabel("speed (1-thread memcpy = 1)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / height))
+    fig.savefig(path, dpi=110)
+    print(f"plot written to {path}", file=sys.stderr)
 
 
 def ab_rounds(binaries, filt, rounds, reps, min_time):
@@ -260,6 +321,9 @@ def main():
                     help="flush the caches before every timed call (default: warm)")
     ap.add_argument("--threads", help="thread counts for bnorm_bench, e.g. 1,4,8,16 "
                     "(default: 1 and every core)")
+    ap.add_argument("--torch", nargs="+", default=[],
+                    help="outputs of bench_torch.py to merge (PyTorch's figures)")
+    ap.add_argument("--plot", help="draw speed against threads to this PNG")
     args = ap.parse_args()
     global THREADS, COLD
     THREADS = args.threads
@@ -280,13 +344,19 @@ def main():
         ap.error("give the benchmark binary or --json")
     if args.save:
         json.dump(runs[0], open(args.save, "w"))
-    counts = thread_counts(medians(runs[0]))
-    figures = median_of_runs([cells(medians(data), counts) for data in runs])
+    torch_times = {}
+    for path in args.torch:
+        torch_times.update(medians(json.load(open(path))))
+    timed = [{**medians(data), **torch_times} for data in runs]
+    counts = thread_counts(timed[0])
+    figures = median_of_runs([cells(times, counts) for times in timed])
     text = table(figures, runs[0].get("context", {}), counts, len(runs))
     steps = median_of_runs([step_cells(medians(data)) for data in runs])
     if steps:
         text += "\n" + step_table(steps)
     print(text)
+    if args.plot:
+        plot(timed[0], args.plot)
     if args.readme:
         readme = open(args.readme).read()
         begin, end = "<!-- perf:begin -->", "<!-- perf:end -->"

@@ -44,15 +44,21 @@ struct Tuning {
 
   /// No processor without stacked cache dies has more last-level cache per core than 8 times its
   /// L2 (AMD's Zen 2 and 3); stacked ones reach 12. A VM that reports a whole socket's cache to a
-  /// few of its cores gives each far more: a thread is counted at most this many L2s.
+  /// few of its cores gives each far more: a CPU is counted at most this many L2s.
   static constexpr Index kMostLastLevelPerL2 = 16;
 
-  /// The last-level cache that a call on `threads` threads can count on: each thread's share of
-  /// the cache, as many times as there are threads, at most the whole cache.
+  /// The last-level cache, at most kMostLastLevelPerL2 L2s for each CPU that shares it.
+  Index usable_last_level_bytes() const {
+    return std::min(last_level_cache_bytes,
+                    std::max<Index>(1, last_level_cpus) * kMostLastLevelPerL2 * l2_bytes);
+  }
+
+  /// The part of the last-level cache that `threads` threads can count on where every CPU that
+  /// shares it is busy: each thread's share, as many times as there are threads, at most the
+  /// whole (usable) cache.
   Index cache_share(Index threads) const {
-    const Index per_cpu = std::min(last_level_cache_bytes / std::max<Index>(1, last_level_cpus),
-                                   kMostLastLevelPerL2 * l2_bytes);
-    return std::min(last_level_cache_bytes, std::max<Index>(1, threads) * per_cpu);
+    const Index usable = usable_last_level_bytes();
+    return std::min(usable, std::max<Index>(1, threads) * (usable / std::max<Index>(1, last_level_cpus)));
   }
 };
 

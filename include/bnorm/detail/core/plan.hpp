@@ -39,11 +39,13 @@ inline bool whole_blocks(const Geometry& g, const Blocking& bl, Index workers,
 
 /// Main memory is written and read faster with two streams far apart in flight than with one
 /// (not so data in cache, where more streams only cost): the elementwise passes over data too
-/// large for half the threads' share of the last-level cache (other processes share it), or for
-/// Tuning::far_bytes where that is set, walk two parts of their rows side by side.
+/// large for half the usable last-level cache (other processes share it), or for
+/// Tuning::far_bytes where that is set, walk two parts of their rows side by side. (Half of one
+/// core's share instead made one-thread inference on 12.8 MB slower.)
 inline constexpr int kFarParts = 2;
-inline int apply_parts(const Geometry& g, int tensors, std::size_t element_bytes, Index cache) {
-  const Index far = tuning().far_bytes.value_or(cache / 2);
+inline int apply_parts(const Geometry& g, int tensors, std::size_t element_bytes,
+                       const Tuning& machine) {
+  const Index far = machine.far_bytes.value_or(machine.usable_last_level_bytes() / 2);
   return g.size() * tensors * Index(element_bytes) > far ? kFarParts : 1;
 }
 
@@ -53,29 +55,32 @@ inline int apply_parts(const Geometry& g, int tensors, std::size_t element_bytes
 /// other processes' lines): the cache's bandwidth grows with the threads, memory's much less.
 /// Tuning::stream_by_size_alone makes the size alone decide, whatever the threads.
 inline bool streams_output(const Geometry& g, int tensors, std::size_t element_bytes,
-                           Index workers, Index cache) {
+                           Index workers, const Tuning& machine) {
   const Index bytes = g.size() * Index(element_bytes);
-  const bool by_threads = tuning().stream_by_size_alone || workers == 1 ||
-                          bytes * tensors > cache / 8 * 7;
-  return bytes >= tuning().stream_bytes && by_threads;
+  const bool by_threads = machine.stream_by_size_alone || workers == 1 ||
+                          bytes * tensors > machine.cache_share(workers) / 8 * 7;
+  return bytes >= machine.stream_bytes && by_threads;
 }
 
 /// ALONG, one worker: how many channels it takes at a time, so that their inputs stay in cache
-/// until the elementwise pass reads them again. Each group may take a quarter of the workers'
-/// share of the last-level cache, split among them, and at least 512 KiB: large groups give the
+/// until the elementwise pass reads them again. Each group may take a quarter of the usable
+/// last-level cache, split among the workers, and at least 512 KiB: large groups give the
 /// reduction long runs of memory to read in order (a row's channels lie one after the other).
-/// Tuning::group_bytes, where set, is the room of a group.
+/// The whole cache, not the workers' share: a group lives from its reduction to its elementwise
+/// pass, and the workers are the only ones sure to use the cache meanwhile (on one thread,
+/// groups sized by one core's share made training slower). Tuning::group_bytes, where set, is
+/// the room of a group.
 inline Index channels_per_group(const Geometry& g, int inputs, std::size_t element_bytes,
-                                Index workers, Index cache) {
+                                Index workers, const Tuning& machine) {
   const Index bytes = g.per_channel() * inputs * Index(element_bytes);
-  const Index room = tuning().group_bytes.value_or(
-      std::max<Index>(Index{512} << 10, cache / (4 * workers)));
+  const Index room = machine.group_bytes.value_or(
+      std::max<Index>(Index{512} << 10, machine.usable_last_level_bytes() / (4 * workers)));
   return std::max<Index>(1, room / std::max<Index>(bytes, 1));
 }
 
 /// Whether runs short enough for row order (see in_row_order) go in groups of channels too:
-/// where a reduction reads two inputs (backward) and they do not fit in the workers' share of
-/// the last-level cache together. The elementwise pass, which reads both again for every value it
+/// where a reduction reads two inputs (backward) and they do not fit in the usable last-level
+/// cache together (as for channels_per_group, the whole cache). The elementwise pass, which reads both again for every value it
 /// writes, then finds them in cache instead of memory. (Training, whose one input is read again
 /// while its output streams to memory, was slower in groups.)
 inline bool rows_in_groups(const Geometry& g, int inputs, std::size_t element_bytes,
@@ -93,7 +98,8 @@ struct Traffic {
 
 /// How step 1 reads a block: long ALONG runs one by one, rows swept with a table of accumulators
 /// per position (ACROSS, short ALONG runs), or rows in memory order (see in_row_order).
-enum class Reduction { Runs, Sweep, Rows };
+/// None: the call has no reduction (inference), only the elementwise pass.
+enum class Reduction { Runs, Sweep, Rows, None };
 /// How the reduction is shared out: each worker takes whole channels and does all three steps a
 /// group of them at a time; or whole blocks of rows (ACROSS); or every block's channels, a packet
 /// of them at a time (ACROSS, fewer blocks than workers); or its channels of every row (row
@@ -109,6 +115,7 @@ struct Plan {
   Geometry view;          ///< what the kernels walk: whole, or `period` rows as one
   Index workers = 1;      ///< threads of the call, the calling one included
   Index cache_bytes = 0;  ///< the last-level cache these threads can count on (Tuning::cache_share)
+  Index whole_cache_bytes = 0;  ///< the usable last-level cache (Tuning::usable_last_level_bytes)
   Reduction reduction = Reduction::Sweep;
   Blocking blocking;
   Index sweep_piece = 0;  ///< channels one sweep covers
@@ -132,6 +139,7 @@ Plan make_plan(const Geometry& whole, const Traffic& traffic, Index workers,
   const Index C = g.channels;
   p.workers = std::max<Index>(1, workers);
   p.cache_bytes = machine.cache_share(p.workers);
+  p.whole_cache_bytes = machine.usable_last_level_bytes();
   const bool by_rows = in_row_order<T>(g);
   p.reduction = by_rows ? Reduction::Rows
                         : g.across() || g.inner < kShortRun ? Reduction::Sweep : Reduction::Runs;
@@ -139,13 +147,14 @@ Plan make_plan(const Geometry& whole, const Traffic& traffic, Index workers,
   p.sweep_piece = g.across() ? C : std::max<Index>(1, kSweepWidth / g.inner);
   p.sweep_sets = sweep_sets<T>(std::min(C, p.sweep_piece) * g.inner);
   const bool groups =
+      traffic.reduce_inputs > 0 &&
       (p.reduction == Reduction::Runs ||
-       (by_rows && rows_in_groups(g, traffic.reduce_inputs, sizeof(T), p.cache_bytes))) &&
+       (by_rows && rows_in_groups(g, traffic.reduce_inputs, sizeof(T), p.whole_cache_bytes))) &&
       (p.workers == 1 || C >= 4 * p.workers);
   if (groups) {
     p.split = Split::Groups;
     p.group_channels =
-        channels_per_group(g, traffic.reduce_inputs, sizeof(T), p.workers, p.cache_bytes);
+        channels_per_group(g, traffic.reduce_inputs, sizeof(T), p.workers, machine);
   } else if (g.across()) {
     p.split = whole_blocks(g, p.blocking, p.workers, sizeof(T)) ? Split::WholeBlocks
                                                                 : Split::ChannelPackets;
@@ -154,8 +163,9 @@ Plan make_plan(const Geometry& whole, const Traffic& traffic, Index workers,
   }
   p.merge_on_workers = fine_split(g, p.workers, sizeof(T));
   const int tensors = traffic.apply_inputs + 1 + (traffic.copy ? 1 : 0);
-  p.stream = streams_output(whole, tensors, sizeof(T), p.workers, p.cache_bytes);
-  p.parts = apply_parts(g, traffic.apply_inputs + 1, sizeof(T), p.cache_bytes);
+  if (traffic.reduce_inputs == 0) p.reduction = Reduction::None;
+  p.stream = streams_output(whole, tensors, sizeof(T), p.workers, machine);
+  p.parts = apply_parts(g, traffic.apply_inputs + 1, sizeof(T), machine);
   return p;
 }
 
@@ -163,7 +173,8 @@ Plan make_plan(const Geometry& whole, const Traffic& traffic, Index workers,
 inline std::string describe(const Plan& p) {
   static const char* const reductions[] = {"runs (one channel's run at a time)",
                                            "sweep (rows, a table of accumulators per position)",
-                                           "rows (memory order, channel after channel)"};
+                                           "rows (memory order, channel after channel)",
+                                           "none"};
   static const char* const splits[] = {"groups of channels, all three steps per group",
                                        "whole blocks of rows", "packets of channels of every block",
                                        "channels of every row", "pieces of channels of each block"};
@@ -176,8 +187,10 @@ inline std::string describe(const Plan& p) {
   if (p.period > 1)
     s += "view:        " + geometry(p.view) + ", " + std::to_string(p.period) + " rows as one\n";
   s += "threads:     " + std::to_string(p.workers) + ", counting on " +
-       std::to_string(p.cache_bytes >> 10) + " KiB of last-level cache\n";
-  s += "reduction:   " + std::string(reductions[int(p.reduction)]) + ", " +
+       std::to_string(p.cache_bytes >> 10) + " KiB of the last-level cache's " +
+       std::to_string(p.whole_cache_bytes >> 10) + " KiB\n";
+  if (p.reduction == Reduction::None) s += "reduction:   none\n";
+  else s += "reduction:   " + std::string(reductions[int(p.reduction)]) + ", " +
        std::to_string(p.blocking.blocks) + " blocks of " + std::to_string(p.blocking.rows) +
        " rows" + (p.blocking.pieces > 1 ? " x " + std::to_string(p.blocking.pieces) + " pieces" : "") +
        (p.reduction == Reduction::Sweep ? ", " + std::to_string(p.sweep_sets) + " accumulator set(s)"
@@ -185,7 +198,7 @@ inline std::string describe(const Plan& p) {
   s += "split:       " + std::string(splits[int(p.split)]) +
        (p.split == Split::Groups ? " (" + std::to_string(p.group_channels) + " channels)" : "") +
        "\n";
-  s += "merge:       " + std::string(p.merge_on_workers ? "shared out" : "calling thread") + "\n";
+  if (p.reduction != Reduction::None) s += "merge:       " + std::string(p.merge_on_workers ? "shared out" : "calling thread") + "\n";
   s += "elementwise: " + std::to_string(p.parts) + " part(s), " +
        (p.stream ? "streamed stores" : "plain stores") + "\n";
   return s;
