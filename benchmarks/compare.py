@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Runs bnorm_bench (or reads its JSON output) and prints ratios per shape, as Markdown.
 
-    benchmarks/compare.py build/test/benchmarks/bnorm_bench [--threads 1,4,8] [--filter RE] [--readme README.md]
+    benchmarks/compare.py build/test/benchmarks/bnorm_bench [--threads 1,4,8] [--filter RE] [--readme docs/benchmarks.md [--section perf]]
     benchmarks/compare.py --json run1.json [run2.json ...]
     benchmarks/compare.py --ab OLD_BENCH NEW_BENCH [--rounds 5] [--filter RE]
     ... [--torch torch.json ...] [--plot speed.png]
@@ -205,15 +205,17 @@ def table(figures, context, counts, runs=1):
     return "\n".join(lines)
 
 
-def plot(times, path):
-    """Speed against the thread count, one panel per shape and pass: each implementation's calls
-    per second in units of a 1-thread memcpy of the same tensor (1 = a memcpy's pace)."""
+def plot(times, path, filt=""):
+    """Speed against the thread count, one panel per shape and pass (those with a bnorm entry
+    whose name matches filt): each implementation's calls per second in units of a 1-thread memcpy of the
+    same tensor (1 = a memcpy's pace)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     panels = []
     for (impl, pas, layout, shape, threads) in times:
-        if impl == "bnorm" and pas in PASSES and (shape, pas) not in panels:
+        if (impl == "bnorm" and pas in PASSES and (shape, pas) not in panels and
+                re.search(filt, "/".join((impl, pas, layout, shape, threads)))):
             panels.append((shape, pas))
     columns = len(PASSES)
     rows = (len(panels) + columns - 1) // columns
@@ -252,7 +254,7 @@ def plot(times, path):
     fig.supxlabel("threads")
     fig.supylabel("speed (1-thread memcpy = 1)", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / height))
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     print(f"plot written to {path}", file=sys.stderr)
 
 
@@ -313,7 +315,9 @@ def main():
     ap.add_argument("--filter", default="")
     ap.add_argument("--repetitions", type=int, default=5)
     ap.add_argument("--min-time", type=float, default=0.1)
-    ap.add_argument("--readme", help="replace the section between the perf markers of this file")
+    ap.add_argument("--readme", help="replace a marked section of this file with the tables")
+    ap.add_argument("--section", default="perf",
+                    help="--readme's section: between <!-- SECTION:begin --> and <!-- SECTION:end -->")
     ap.add_argument("--ab", nargs=2, metavar=("OLD", "NEW"),
                     help="compare bnorm in two builds of the benchmark (see above)")
     ap.add_argument("--rounds", type=int, default=5, help="rounds of --ab")
@@ -356,10 +360,10 @@ def main():
         text += "\n" + step_table(steps)
     print(text)
     if args.plot:
-        plot(timed[0], args.plot)
+        plot(timed[0], args.plot, args.filter)
     if args.readme:
         readme = open(args.readme).read()
-        begin, end = "<!-- perf:begin -->", "<!-- perf:end -->"
+        begin, end = f"<!-- {args.section}:begin -->", f"<!-- {args.section}:end -->"
         if begin not in readme:
             sys.exit(f"{args.readme} has no {begin} marker")
         head, rest = readme.split(begin, 1)

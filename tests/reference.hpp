@@ -154,7 +154,10 @@ struct Module {
         const double n = double(sh.per_channel());
         for (Index c = 0; c < sh.channels; ++c) {
           running_mean[c] = (1 - f) * running_mean[c] + f * st.mean[c];
-          running_var[c] = (1 - f) * running_var[c] + f * st.var[c] * n / (n - 1);
+          running_var[c] = (1 - f) * running_var[c] +
+                           f * st.var[c] * (opt.running_variance == bnorm::RunningVariance::Biased
+                                                ? 1.0
+                                                : n / (n - 1));
         }
       }
     } else {

@@ -91,6 +91,8 @@ std::vector<bnorm::Options> option_sets(Layout layout) {
         o.momentum = momentum;
         o.eps = affine ? 1e-5 : 1e-3;
         o.layout = layout;
+        // Keras's and Flax's running variance where there is one.
+        if (track && !affine) o.running_variance = bnorm::RunningVariance::Biased;
         sets.push_back(o);
       }
   return sets;
@@ -100,7 +102,8 @@ std::string describe(const bnorm::Options& o) {
   std::ostringstream s;
   s << "affine " << o.affine << ", track " << o.track_running_stats << ", momentum "
     << (o.momentum ? std::to_string(*o.momentum) : "none") << ", eps " << o.eps << ", "
-    << (o.layout == Layout::ChannelsFirst ? "ChannelsFirst" : "ChannelsLast");
+    << (o.layout == Layout::ChannelsFirst ? "ChannelsFirst" : "ChannelsLast") << ", "
+    << (o.running_variance == bnorm::RunningVariance::Biased ? "biased" : "unbiased");
   return s.str();
 }
 

@@ -11,7 +11,9 @@
 #include <limits>
 #include <memory>
 #include <random>
+#include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <bnorm/bnorm.hpp>
@@ -105,6 +107,18 @@ template <class T>
 void check_close(const std::vector<T>& actual, const std::vector<double>& expected,
                  const std::string& what) {
   check_sum_close(actual, expected, {}, what);
+}
+
+/// A fixture line "name count v0 v1 ...": its name and values.
+inline std::pair<std::string, std::vector<double>> parse_array(const std::string& line) {
+  std::istringstream s(line);
+  std::string name;
+  std::size_t n = 0;
+  s >> name >> n;
+  std::vector<double> values(n);
+  for (double& v : values) s >> v;
+  REQUIRE(!s.fail());
+  return {name, values};
 }
 
 /// The first element of `storage` on a page (4 KiB) boundary; storage must span two pages.

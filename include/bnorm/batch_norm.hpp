@@ -180,6 +180,11 @@ class BatchNorm {
   Vector& grad_bias() { return grad_bias_; }
   const Vector& grad_bias() const { return grad_bias_; }
   std::int64_t num_batches_tracked() const { return num_batches_tracked_; }
+  /// Sets the count of training forwards (as loading a state does). Must be >= 0.
+  void set_num_batches_tracked(std::int64_t n) {
+    if (n < 0) fail("expected num_batches_tracked >= 0, got " + std::to_string(n));
+    num_batches_tracked_ = n;
+  }
 
   void zero_grad() {
     grad_weight_.setZero();
@@ -343,7 +348,8 @@ class BatchNorm {
       if (update) {
         const double batches = double(num_batches_tracked_ + 1);
         running = {running_mean_.data(), running_var_.data(),
-                   options_.momentum ? *options_.momentum : 1.0 / batches};
+                   options_.momentum ? *options_.momentum : 1.0 / batches,
+                   options_.running_variance == RunningVariance::Unbiased};
       }
       functional::detail::forward_training(shape, xp, y.data(), options_.eps, affine,
                                            {nullptr, saved_invstd_.data()}, running, ex, copy,

@@ -8,6 +8,7 @@
 // Needs Eigen 3.4 (its Tensor module, with Eigen::ThreadPoolDevice) and nothing else.
 
 #include "batch_norm.hpp"
+#include "fold.hpp"
 #include "functional.hpp"
 #include "options.hpp"
 #include "tuning.hpp"

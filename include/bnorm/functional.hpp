@@ -53,6 +53,7 @@ struct Running {
   T* mean = nullptr;
   T* var = nullptr;
   double momentum = 0.1;
+  bool unbiased = true;  ///< false: the running variance averages the biased batch variance
 };
 
 /// Scratch memory of the kernels; keep one per caller to make calls allocation-free.
@@ -129,7 +130,7 @@ void forward_training(const Shape& shape, const T* x, T* y, double eps, Affine<T
 
   // The channels of a batch one output at a time: each loop vectorizes, the square roots and
   // divisions above all.
-  const double count = double(n), momentum = running.momentum, unbias = count / (count - 1);
+  const double count = double(n), momentum = running.momentum, unbias = running.unbiased ? count / (count - 1) : 1.0;
   const Index C = shape.channels;
   auto finish = [&](Index c0, Index nc, const bnorm::detail::Partial* m, T* coef) {
     // (var zeroed: GCC cannot tell that inverse_std reads only the nc values written.)

@@ -12,6 +12,12 @@ enum class Layout {
   ChannelsLast,   ///< C last: (N,C), (N,L,C), (N,H,W,C), (N,D,H,W,C)
 };
 
+/// Which batch variance the running variance averages.
+enum class RunningVariance {
+  Unbiased,  ///< var * n / (n - 1): PyTorch's
+  Biased,    ///< the variance that normalizes: Keras's and Flax's
+};
+
 struct Options {
   /// Added to the variance before the square root. Must be finite and >= 0.
   double eps = 1e-5;
@@ -31,6 +37,25 @@ struct Options {
   /// the input may then be overwritten or freed. false: a forward saves only its per-channel
   /// statistics, and backward takes the input again, backward(x, dy, dx), which copies nothing.
   bool save_input = true;
+  /// The batch variance the running variance averages (PyTorch: Unbiased).
+  RunningVariance running_variance = RunningVariance::Unbiased;
 };
+
+/// Keras's BatchNormalization defaults: epsilon 1e-3, momentum 0.99 of the OLD value (0.01 of
+/// the new one here), the biased variance in the running average.
+inline Options keras_options() {
+  Options o;
+  o.eps = 1e-3;
+  o.momentum = 0.01;
+  o.running_variance = RunningVariance::Biased;
+  return o;
+}
+
+/// Flax's nn.BatchNorm defaults: Keras's, but for epsilon 1e-5.
+inline Options flax_options() {
+  Options o = keras_options();
+  o.eps = 1e-5;
+  return o;
+}
 
 }  // namespace bnorm
