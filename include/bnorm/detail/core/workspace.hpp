@@ -32,6 +32,8 @@ struct Workspace {
   std::vector<LaneIndex<T>> lane_index;  // GroupCoefs' indices
   std::vector<T> period_coefs;           // coefficients of channel p % C at p (see period_rows)
   std::vector<double> period_centers;    // centers likewise
+  std::vector<double> group_stats;       // per sample and group: mean, biased variance
+  std::vector<double> param_sums;        // per sample and channel: grad_bias, grad_weight terms
 };
 
 /// Values of T to give each worker for a table of n values of its own in a shared vector: n

@@ -1,0 +1,278 @@
+#pragma once
+// Row normalizations (LayerNorm, RMSNorm): each row of `width` values is normalized over itself,
+// with a weight and bias per position of the row. The core's reducers sum each row, and its
+// elementwise pass (apply_runs) maps it, with the row's statistics broadcast and the positions'
+// parameters from a RowCoefs table; a row is read back from L1 or L2.
+
+#include <algorithm>
+#include <cassert>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "apply.hpp"
+#include "reduce_runs.hpp"
+
+#include "../warnings_begin.hpp"
+
+BNORM_BEGIN_NAMESPACE
+namespace detail {
+
+/// x[rows][width]: LayerNorm's and RMSNorm's view of any tensor, the normalized dims flattened.
+struct Rows {
+  Index rows = 0;
+  Index width = 0;
+  Index size() const { return rows * width; }
+};
+
+/// What a row normalization centers on: its mean (LayerNorm), or zero (RMSNorm, whose mean
+/// square is the second moment: M2 / n + mean^2, from the same centered moments).
+enum class RowCenter { Mean, Zero };
+
+/// Gradient sums against per-position weights: a += w * dy, b += w * dy * (x - center).
+/// Inputs: {dy, x, w}.
+struct WeightedGradientSums {
+  static constexpr int kInputs = 3;
+  static double fill(int k, double center) { return k == 1 ? center : 0.0; }  // adds nothing
+  static Partial recenter(const Partial& p, double from, double to) {
+    return {p.n, p.a, p.b + (from - to) * p.a};
+  }
+  template <class W>
+  static void add(const W* in, const W& center, W& a, W& b) {
+    const W g = ei::pmul(in[0], in[2]);
+    a = ei::padd(a, g);
+    b = ei::pmadd(g, ei::psub(in[1], center), b);
+  }
+};
+
+/// Moments of a row, a block of kAlongElems values at a time (each block's sums stay within a
+/// few ulps in T, see step_sums_along), merged in order.
+template <class T>
+Partial row_moments(const T* x, Index width) {
+  Partial m;
+  for (Index i = 0; i < width; i += Blocking::kAlongElems)
+    m = merge_moments(m, moments_along(x + i, 0, 1, std::min(Blocking::kAlongElems, width - i)));
+  return m;
+}
+
+/// WeightedGradientSums of a row, by blocks as row_moments.
+template <class T>
+Partial row_gradient_sums(const T* dy, const T* x, const T* w, Index width, double center) {
+  Partial s;
+  for (Index i = 0; i < width; i += Blocking::kAlongElems) {
+    const T* in[] = {dy + i, x + i, w + i};
+    s = merge_sums(s, step_sums_along<WeightedGradientSums>(
+                          in, 0, 1, std::min(Blocking::kAlongElems, width - i), center));
+  }
+  return s;
+}
+
+/// y = ((x - k0) * k1 + k2) * k3 + k4: k0..k2 the row's (NormalizeOp's, see there), k3 and k4
+/// the position's weight and bias.
+struct RowNormalizeOp {
+  static constexpr int kInputs = 1, kCoefs = 5, kRowCoefs = 3;
+  template <class P>
+  static P apply(const P* in, const P* k) {
+    return ei::pmadd(ei::pmadd(ei::psub(in[0], k[0]), k[1], k[2]), k[3], k[4]);
+  }
+};
+
+/// dx = dy * k4 * k0 + (x - k1) * k2 + k3: k0..k3 the row's (InputGradOp's), k4 the position's
+/// weight. Inputs: {dy, x}.
+struct RowInputGradOp {
+  static constexpr int kInputs = 2, kCoefs = 5, kRowCoefs = 4;
+  template <class P>
+  static P apply(const P* in, const P* k) {
+    return ei::pmadd(ei::pmul(in[0], k[4]), k[0], ei::pmadd(ei::psub(in[1], k[1]), k[2], k[3]));
+  }
+};
+
+/// Coefficients of one row: Op::kRowCoefs broadcast values, then the positions' from a table.
+template <class T, class Op>
+struct RowScalarCoefs {
+  Packet<T> row[std::size_t(Op::kRowCoefs)];
+  RowCoefs<T> positions;
+
+  RowScalarCoefs(const double* values, RowCoefs<T> positions_) : positions(positions_) {
+    for (int j = 0; j < Op::kRowCoefs; ++j) row[j] = ei::pset1<Packet<T>>(T(values[j]));
+  }
+  Packet<T> packet(int j, Index t) const {
+    return j < Op::kRowCoefs ? row[j] : positions.packet(j - Op::kRowCoefs, t);
+  }
+  Index span() const { return positions.span(); }
+  void next(Index n) { positions.next(n); }
+};
+
+/// The positions' parameters laid out for RowCoefs: `count` rows of `width` values (weight,
+/// then bias), each null one as 1 (weight) or 0 (bias).
+template <class T>
+RowCoefs<T> row_parameters(Index width, const T* const* params, int count, Workspace<T>& ws) {
+  ws.coefs.resize(std::size_t(count * width));
+  for (int j = 0; j < count; ++j) {
+    T* to = ws.coefs.data() + j * width;
+    if (params[j]) std::copy(params[j], params[j] + width, to);
+    else std::fill(to, to + width, T(j == 0 ? 1 : 0));
+  }
+  ws.row_coefs.resize(std::size_t(count * RowCoefs<T>::stride_for(width)));
+  return layout_row_coefs(count, width, 0, width, 1, ws.coefs.data(), ws.row_coefs.data());
+}
+
+/// Whether the row passes stream their outputs, as the plan decides for the same traffic.
+template <class T>
+bool rows_stream(const Rows& r, int tensors, Index workers) {
+  return streams_output(Geometry{r.rows, 1, r.width}, tensors, sizeof(T), workers, tuning());
+}
+
+/// The rows' statistics as a forward computes them: the mean (0 for RowCenter::Zero) in
+/// double and 1 / sqrt(variance + eps) (or mean square + eps).
+template <RowCenter kCenter>
+inline void row_statistics(const Partial& m, Index width, double eps, double& mean,
+                           double& invstd) {
+  const double var = m.b / double(width);
+  if constexpr (kCenter == RowCenter::Mean) {
+    mean = m.mean();
+    invstd = 1.0 / std::sqrt(var + eps);
+  } else {
+    const double mu = m.mean();
+    mean = 0;
+    invstd = 1.0 / std::sqrt(var + mu * mu + eps);
+  }
+}
+
+/// Forward over every row: y = (x - mean) * invstd * weight + bias (RowCenter::Zero: x * invstd
+/// * weight). mean (double) and invstd receive each row's, where not null; copy, where not
+/// null, a copy of x.
+template <RowCenter kCenter, class T>
+void rows_forward(const Rows& r, const T* x, T* y, T* copy, double eps, const T* weight,
+                  const T* bias, double* mean_out, T* invstd_out, Workspace<T>& ws,
+                  const Eigen::ThreadPoolDevice* device) {
+  if (r.size() == 0) return;
+  const T* params[] = {weight, bias};
+  const RowCoefs<T> table = row_parameters<T>(r.width, params, 2, ws);
+  const Streams<T, 1> s{{x}, y, copy};
+  auto run = [&](auto streaming) {
+    constexpr bool kStream = decltype(streaming)::value;
+    parallel_ranges(device, r.rows, [&](Index r0, Index r1) {
+      for (Index row = r0; row < r1; ++row) {
+        const Index off = row * r.width;
+        const Partial m = row_moments(x + off, r.width);
+        double mean, invstd;
+        row_statistics<kCenter>(m, r.width, eps, mean, invstd);
+        const auto split = split_mean<T>(kCenter == RowCenter::Mean ? m : Partial{});
+        const double k[] = {double(split.high), invstd, -split.low * invstd};
+        if (mean_out) mean_out[row] = mean;
+        if (invstd_out) invstd_out[row] = T(invstd);
+        apply_runs<RowNormalizeOp, kStream, 1>(s, &off, r.width,
+                                               RowScalarCoefs<T, RowNormalizeOp>(k, table));
+      }
+      if constexpr (kStream) stream_fence();
+    });
+  };
+  if (rows_stream<T>(r, copy ? 3 : 2, workers(device))) run(std::true_type{});
+  else run(std::false_type{});
+}
+
+/// Rows of a backward whose weight and bias gradients are summed in T before they are added to
+/// the block's sums in double: few enough terms per value for T's precision (see kTermsInT).
+inline constexpr Index kColumnRows = 32;
+/// Backward cuts the rows into at most this many blocks, fixed by the shape alone, whose weight
+/// and bias gradients are summed separately and merged in block order: the same result for any
+/// number of workers, up to this many of them.
+inline constexpr Index kRowBlocks = 64;
+
+/// Backward over every row, given the forward's statistics (mean in double, 0 for
+/// RowCenter::Zero, and invstd): dx, and grad_weight / grad_bias (OVERWRITTEN, each may be
+/// null) summed over the rows. dx may alias dy.
+template <RowCenter kCenter, class T>
+void rows_backward(const Rows& r, const T* dy, const T* x, T* dx, const double* mean,
+                   const T* invstd, const T* weight, T* grad_weight, T* grad_bias,
+                   Workspace<T>& ws, const Eigen::ThreadPoolDevice* device) {
+  const Index W = r.width;
+  const bool columns = grad_weight || grad_bias;
+  if (r.size() == 0) {
+    for (Index d = 0; d < W; ++d) {
+      if (grad_weight) grad_weight[d] = T(0);
+      if (grad_bias) grad_bias[d] = T(0);
+    }
+    return;
+  }
+  const T* params[] = {weight};
+  const RowCoefs<T> table = row_parameters<T>(W, params, 1, ws);
+  const T* w = table.ext;
+  const Index blocks = std::min(r.rows, kRowBlocks);
+  const Index slot = worker_slot<T>(2 * W);
+  if (columns) {
+    ws.sweep_sums.assign(std::size_t(blocks * 2 * W), 0.0);
+    ws.sweeps.resize(std::size_t(slot * workers(device)));
+  }
+  const Streams<T, 2> s{{dy, x}, dx};
+  using P = Packet<T>;
+  constexpr Index L = kLanes<T>;
+  auto run = [&](auto streaming) {
+    constexpr bool kStream = decltype(streaming)::value;
+    parallel_workers(device, blocks, [&](Index worker, Index b0, Index b1) {
+      T* acc = columns ? ws.sweeps.data() + worker * slot : nullptr;  // [dw | db] in T
+      auto flush = [&](double* sums) {
+        for (Index d = 0; d < 2 * W; ++d) sums[d] += double(acc[d]);
+        std::fill(acc, acc + 2 * W, T(0));
+      };
+      for (Index b = b0; b < b1; ++b) {
+        const Index first = r.rows * b / blocks, last = r.rows * (b + 1) / blocks;
+        double* sums = columns ? ws.sweep_sums.data() + b * 2 * W : nullptr;
+        if (columns) std::fill(acc, acc + 2 * W, T(0));
+        for (Index row = first; row < last; ++row) {
+          const Index off = row * W;
+          const double center = kCenter == RowCenter::Mean ? mean[row] : 0.0;
+          const double is = double(invstd[row]), m = double(W);
+          const auto split = split_mean<T>(Partial{1, 0, 0, center});
+          if (columns) {
+            // dw += dy * xhat, db += dy, before dx is written (it may be dy).
+            const P hi = ei::pset1<P>(split.high), scale = ei::pset1<P>(T(is)),
+                    shift = ei::pset1<P>(T(-split.low * is));
+            auto add = [&](Index d, const P& g, const P& v) {
+              const P xhat = ei::pmadd(ei::psub(v, hi), scale, shift);
+              ei::pstoreu(acc + d, ei::pmadd(g, xhat, ei::ploadu<P>(acc + d)));
+              ei::pstoreu(acc + W + d, ei::padd(g, ei::ploadu<P>(acc + W + d)));
+            };
+            Index d = 0;
+            for (; d + L <= W; d += L)
+              add(d, ei::ploadu<P>(dy + off + d), ei::ploadu<P>(x + off + d));
+            for (; d < W; ++d) {  // the tail, value by value: acc has no room past W
+              const T xhat = T((x[off + d] - split.high) * T(is) + T(-split.low * is));
+              acc[d] += dy[off + d] * xhat;
+              acc[W + d] += dy[off + d];
+            }
+            if ((row - first + 1) % kColumnRows == 0) flush(sums);
+          }
+          const Partial g = row_gradient_sums(dy + off, x + off, w, W, center);
+          const double slope = -is * is * is * g.b / m;
+          const double k[] = {is, double(split.high), slope,
+                              (kCenter == RowCenter::Mean ? -is * g.a / m : 0.0) -
+                                  split.low * slope};
+          apply_runs<RowInputGradOp, kStream, 1>(s, &off, W,
+                                                 RowScalarCoefs<T, RowInputGradOp>(k, table));
+        }
+        if (columns) flush(sums);
+      }
+      if constexpr (kStream) stream_fence();
+    });
+  };
+  if (rows_stream<T>(r, 3, workers(device))) run(std::true_type{});
+  else run(std::false_type{});
+  if (!columns) return;
+  for (Index d = 0; d < W; ++d) {
+    double dw = 0, db = 0;
+    for (Index b = 0; b < blocks; ++b) {
+      dw += ws.sweep_sums[std::size_t(b * 2 * W + d)];
+      db += ws.sweep_sums[std::size_t(b * 2 * W + W + d)];
+    }
+    if (grad_weight) grad_weight[d] = T(dw);
+    if (grad_bias) grad_bias[d] = T(db);
+  }
+}
+
+}  // namespace detail
+BNORM_END_NAMESPACE
+
+#include "../warnings_end.hpp"
