@@ -282,7 +282,7 @@ TEST_CASE("save_input = false: backward(dy) says how to call it, and changes not
   CHECK_THROWS_AS(bn.backward(dy), std::logic_error);
   CHECK_THROWS_WITH(bn.backward(dy, dx),
                     "bnorm::BatchNorm2d: backward(dy) needs the forward's input, which this module "
-                    "does not keep (Options::save_input = false): call backward(x, dy, dx) with "
+                    "does not keep (save_input = false): call backward(x, dy, dx) with "
                     "that input");
   Tensor wrong(4, 3, 5, 2);
   wrong.setRandom();
