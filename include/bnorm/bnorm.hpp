@@ -1,5 +1,6 @@
 #pragma once
-// bnorm: batch normalization over Eigen tensors with PyTorch's semantics.
+// bnorm: normalization layers over Eigen tensors with PyTorch's semantics: BatchNorm1d/2d/3d,
+// LayerNorm, GroupNorm, InstanceNorm1d/2d/3d and RMSNorm, and the functional layer under them.
 //
 //   #include <bnorm/bnorm.hpp>
 //   bnorm::BatchNorm2d<float> bn(64);
@@ -10,7 +11,12 @@
 #include "batch_norm.hpp"
 #include "fold.hpp"
 #include "functional.hpp"
+#include "functional_norms.hpp"
+#include "group_norm.hpp"
+#include "instance_norm.hpp"
+#include "layer_norm.hpp"
 #include "options.hpp"
+#include "rms_norm.hpp"
 #include "tuning.hpp"
 
 #define BNORM_VERSION_MAJOR 0

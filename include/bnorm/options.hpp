@@ -59,3 +59,52 @@ inline Options flax_options() {
 }
 
 }  // namespace bnorm
+
+namespace bnorm {
+
+/// LayerNorm's options, PyTorch's defaults.
+struct LayerNormOptions {
+  /// Added to the variance before the square root. Must be finite and >= 0.
+  double eps = 1e-5;
+  /// Learnable weight (starts at 1) and, with `bias`, bias (starts at 0), one per position of
+  /// the normalized shape.
+  bool elementwise_affine = true;
+  bool bias = true;
+  /// As Options::save_input: keep a copy of a forward's input for backward(dy).
+  bool save_input = true;
+};
+
+/// RMSNorm's options, PyTorch's defaults.
+struct RMSNormOptions {
+  /// Added to the mean square before the square root; std::nullopt: the machine epsilon of the
+  /// module's Scalar (PyTorch's torch.finfo(x.dtype).eps).
+  std::optional<double> eps = std::nullopt;
+  /// Learnable weight (starts at 1), one per position of the normalized shape.
+  bool elementwise_affine = true;
+  bool save_input = true;
+};
+
+/// GroupNorm's options, PyTorch's defaults.
+struct GroupNormOptions {
+  double eps = 1e-5;
+  /// Learnable per-channel weight (starts at 1) and bias (starts at 0).
+  bool affine = true;
+  Layout layout = Layout::ChannelsFirst;
+  bool save_input = true;
+};
+
+/// InstanceNorm's options, PyTorch's defaults (which differ from BatchNorm's: no parameters, no
+/// running statistics).
+struct InstanceNormOptions {
+  double eps = 1e-5;
+  /// Weight of the new batch's statistics in the running average. std::nullopt: 0, as
+  /// PyTorch's InstanceNorm does (the running statistics then stay as they are).
+  std::optional<double> momentum = 0.1;
+  bool affine = false;
+  /// Keep running_mean / running_var, updated in training and used in eval mode.
+  bool track_running_stats = false;
+  Layout layout = Layout::ChannelsFirst;
+  bool save_input = true;
+};
+
+}  // namespace bnorm
