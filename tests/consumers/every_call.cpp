@@ -69,9 +69,81 @@ bool functional_calls(const Eigen::ThreadPoolDevice& device) {
   return std::isfinite(dx[0]) && !plan.empty();
 }
 
+/// The calls every module shares (detail::Module), and what each has of its own.
+template <int Rank, class Module>
+bool exercise_module(Module& m, const Eigen::array<Eigen::Index, std::size_t(Rank)>& dims,
+                     const Eigen::ThreadPoolDevice& device) {
+  using Scalar = typename Module::Vector::Scalar;
+  using Tensor = Eigen::Tensor<Scalar, Rank, Eigen::RowMajor>;
+  Tensor x(dims), dy(dims), y(dims), dx(dims);
+  x.setRandom();
+  dy.setRandom();
+  y = m.forward(x);
+  m.forward(x, y, device);
+  dx = m.backward(dy);
+  m.backward(dy, dx, device);
+  m.backward(x, dy, dx);
+  m.backward(x, dy, dx, device);
+  m.eval();
+  const Tensor inferred = m.infer(x);
+  m.infer(x, y, device);
+  m.train();
+  m.zero_grad();
+  m.reset_parameters();
+  bool finite = m.weight().size() == m.grad_weight().size() && m.options().save_input;
+  for (Eigen::Index i = 0; i < x.size(); ++i)
+    finite = finite && std::isfinite(inferred.data()[i]) && std::isfinite(dx.data()[i]);
+  return finite;
+}
+
+template <class Scalar>
+bool family_calls(const Eigen::ThreadPoolDevice& device) {
+  namespace fn = bnorm::functional;
+  bnorm::LayerNorm<Scalar> ln({5, 7});
+  bnorm::RMSNorm<Scalar> rn({7});
+  bnorm::GroupNormOptions go;
+  go.layout = bnorm::Layout::ChannelsLast;
+  bnorm::GroupNorm<Scalar> gn(2, 6, go);
+  bnorm::InstanceNormOptions io;
+  io.affine = io.track_running_stats = true;
+  bnorm::InstanceNorm2d<Scalar> in(6, io);
+  bnorm::InstanceNorm1d<Scalar> in1(6);
+  bnorm::InstanceNorm3d<Scalar> in3(6);
+  bool ok = exercise_module<3>(ln, {3, 5, 7}, device) && exercise_module<4>(rn, {2, 3, 5, 7}, device) &&
+            exercise_module<4>(gn, {2, 3, 5, 6}, device) &&
+            exercise_module<4>(in, {2, 6, 5, 3}, device) &&
+            exercise_module<2>(in1, {6, 9}, device) &&
+            exercise_module<5>(in3, {2, 6, 2, 3, 3}, device);
+  in.reset_running_stats();
+  ok = ok && in.num_batches_tracked() == 0 && in.running_mean().size() == 6 &&
+       rn.eps() > 0 && ln.normalized_shape().size() == 2 && gn.num_groups() == 2;
+
+  const fn::Shape shape{4, 6, 10, bnorm::Layout::ChannelsFirst};
+  std::vector<Scalar> x(240), y(240), dx(240), weight(6, Scalar(1)), bias(6, Scalar(0)),
+      mean(24), invstd(24), running_mean(6, Scalar(0)), running_var(6, Scalar(1)), grad(60);
+  for (std::size_t i = 0; i < x.size(); ++i) x[i] = Scalar(i % 7);
+  const fn::Execution<Scalar> ex{&device, nullptr};
+  fn::group_norm_forward<Scalar>(shape, 3, x.data(), y.data(), 1e-5,
+                                 {weight.data(), bias.data()}, {mean.data(), invstd.data()}, ex);
+  fn::group_norm_backward<Scalar>(shape, 3, y.data(), x.data(), dx.data(), mean.data(),
+                                  invstd.data(), weight.data(), grad.data(), grad.data(), ex);
+  fn::instance_norm_forward<Scalar>(shape, x.data(), y.data(), 1e-5, {}, {mean.data(), invstd.data()},
+                                    {running_mean.data(), running_var.data(), 0.1}, ex);
+  fn::instance_norm_backward<Scalar>(shape, y.data(), x.data(), dx.data(), mean.data(),
+                                     invstd.data(), nullptr, nullptr, nullptr, ex);
+  fn::layer_norm_forward<Scalar>(24, 10, x.data(), y.data(), 1e-5, {grad.data(), nullptr},
+                                 {mean.data(), invstd.data()}, ex);
+  fn::layer_norm_backward<Scalar>(24, 10, y.data(), x.data(), dx.data(), mean.data(),
+                                  invstd.data(), nullptr, grad.data(), grad.data() + 10, ex);
+  fn::rms_norm_forward<Scalar>(24, 10, x.data(), y.data(), 1e-6, nullptr, invstd.data(), ex);
+  fn::rms_norm_backward<Scalar>(24, 10, y.data(), x.data(), dx.data(), invstd.data(), nullptr,
+                                nullptr, ex);
+  return ok && std::isfinite(dx[0]);
+}
+
 template <class Scalar>
 bool every_module(const Eigen::ThreadPoolDevice& device) {
-  bool ok = functional_calls<Scalar>(device);
+  bool ok = functional_calls<Scalar>(device) && family_calls<Scalar>(device);
   for (auto layout : {bnorm::Layout::ChannelsFirst, bnorm::Layout::ChannelsLast}) {
     for (bool save : {true, false}) {
       ok = ok && exercise<bnorm::BatchNorm1d<Scalar>, 2>({64, 5}, layout, save, device);
