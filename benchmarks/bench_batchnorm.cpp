@@ -1,4 +1,4 @@
-// Batch normalization kernels side by side, in one run: bnorm, a memcpy of the same bytes (the
+// Normalization kernels side by side, in one run: bnorm, a memcpy of the same bytes (the
 // roofline), the same passes over the same bytes as plain loops (what reading and writing those
 // tensors costs, with no per-channel work), a naive Eigen Tensor expression (what one writes by
 // hand) and oneDNN's batch normalization when it was found at configure time (BNORM_HAVE_DNNL).
@@ -7,6 +7,9 @@
 // implementation runs at each thread count (default: 1 and every core the machine has), warm
 // (calls back to back) or, with --cold, with the caches flushed before every timed call.
 // --plans prints the machine's figures and bnorm's plan for every entry, and runs nothing.
+//
+// The rest of the family (LayerNorm, RMSNorm, GroupNorm, InstanceNorm2d) has entries of its own,
+// against a memcpy and oneDNN's layer_normalization: see register_family.
 //
 // Names: <impl>/<pass>/<layout>/<shape>/t<threads>, pass in fwd_train, fwd_infer, bwd, and step
 // (a training forward, then its backward), which bnorm runs through the functional layer and
@@ -446,6 +449,202 @@ void dnnl_bench(benchmark::State& state, const Case& c, const std::string& layou
 }
 #endif
 
+// --- The rest of the family: LayerNorm and RMSNorm on transformer rows, GroupNorm (32 groups)
+// and InstanceNorm2d on images. Passes <norm>_fwd (a training forward, which keeps its
+// statistics) and <norm>_bwd (dx and the parameter gradients); layout "-" for rows.
+
+struct FamilyCase {
+  std::string norm;         // layernorm, rmsnorm, groupnorm, instancenorm
+  std::vector<Index> dims;  // PyTorch's dims (channels-first for images)
+  Index size() const {
+    Index s = 1;
+    for (Index d : dims) s *= d;
+    return s;
+  }
+  Index width() const { return dims.back(); }  // rows: the normalized dim
+  Index rows() const { return size() / width(); }
+  Index channels() const { return dims[1]; }
+  Index groups() const { return norm == "groupnorm" ? 32 : channels(); }
+  bool images() const { return norm == "groupnorm" || norm == "instancenorm"; }
+  fn::Shape shape(bnorm::Layout layout) const {
+    return {dims[0], channels(), size() / (dims[0] * channels()), layout};
+  }
+  std::string name() const {
+    std::string s;
+    for (Index d : dims) s += (s.empty() ? "" : "x") + std::to_string(d);
+    return s;
+  }
+};
+
+const std::vector<FamilyCase>& family_cases() {
+  static const std::vector<FamilyCase> all = [] {
+    std::vector<FamilyCase> v;
+    for (const char* norm : {"layernorm", "rmsnorm"})
+      for (std::vector<Index> dims : {std::vector<Index>{8192, 768}, std::vector<Index>{8192, 4096},
+                                      std::vector<Index>{16384, 1024},
+                                      std::vector<Index>{64, 197, 768}})
+        v.push_back({norm, dims});
+    for (std::vector<Index> dims : {std::vector<Index>{16, 256, 64, 64},
+                                    std::vector<Index>{8, 512, 32, 32},
+                                    std::vector<Index>{32, 128, 56, 56}})
+      v.push_back({"groupnorm", dims});
+    v.push_back({"instancenorm", {16, 64, 128, 128}});
+    return v;
+  }();
+  return all;
+}
+
+/// Buffers of a family case: per-position or per-channel parameters, statistics per row or per
+/// sample and group.
+struct FamilyData {
+  explicit FamilyData(const FamilyCase& c)
+      : x(std::size_t(c.size())), y(x.size()), dy(x.size()), dx(x.size()),
+        weight(std::size_t(c.images() ? c.channels() : c.width()), 1.5f), bias(weight.size(), 0.25f),
+        grad_weight(weight.size()), grad_bias(weight.size()),
+        mean(std::size_t(c.images() ? c.dims[0] * c.groups() : c.rows())), invstd(mean.size()) {
+    std::uint32_t state = 7;
+    auto uniform = [&state] {
+      state = state * 1664525u + 1013904223u;
+      return float(state >> 8) * (1.f / 16777216.f);
+    };
+    for (auto& v : x) v = 3.f + 4.f * uniform();
+    for (auto& v : dy) v = uniform() - 0.5f;
+  }
+  Buffer x, y, dy, dx;
+  std::vector<float> weight, bias, grad_weight, grad_bias, mean, invstd;
+};
+
+void family_bench(benchmark::State& state, const FamilyCase& c, bnorm::Layout layout,
+                  bool backward, int threads) {
+  FamilyData d(c);
+  fn::Workspace<float> ws;
+  const fn::Execution<float> ex{device(threads), &ws};
+  const Index rows = c.rows(), width = c.width();
+  const fn::Shape shape = c.shape(layout);
+  auto forward = [&] {
+    if (c.norm == "layernorm")
+      fn::layer_norm_forward<float>(rows, width, d.x.data(), d.y.data(), 1e-5,
+                                    {d.weight.data(), d.bias.data()},
+                                    {d.mean.data(), d.invstd.data()}, ex);
+    else if (c.norm == "rmsnorm")
+      fn::rms_norm_forward<float>(rows, width, d.x.data(), d.y.data(), 1e-6, d.weight.data(),
+                                  d.invstd.data(), ex);
+    else
+      fn::group_norm_forward<float>(shape, c.groups(), d.x.data(), d.y.data(), 1e-5,
+                                    {d.weight.data(), d.bias.data()},
+                                    {d.mean.data(), d.invstd.data()}, ex);
+  };
+  auto gradients = [&] {
+    if (c.norm == "layernorm")
+      fn::layer_norm_backward<float>(rows, width, d.dy.data(), d.x.data(), d.dx.data(),
+                                     d.mean.data(), d.invstd.data(), d.weight.data(),
+                                     d.grad_weight.data(), d.grad_bias.data(), ex);
+    else if (c.norm == "rmsnorm")
+      fn::rms_norm_backward<float>(rows, width, d.dy.data(), d.x.data(), d.dx.data(),
+                                   d.invstd.data(), d.weight.data(), d.grad_weight.data(), ex);
+    else
+      fn::group_norm_backward<float>(shape, c.groups(), d.dy.data(), d.x.data(), d.dx.data(),
+                                     d.mean.data(), d.invstd.data(), d.weight.data(),
+                                     d.grad_weight.data(), d.grad_bias.data(), ex);
+  };
+  forward();
+  for (auto _ : state) {
+    cold_start(state);
+    if (backward) gradients();
+    else forward();
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(int64_t(state.iterations()) * (backward ? 3 : 2) * c.size() *
+                          int64_t(sizeof(float)));
+}
+
+void family_memcpy(benchmark::State& state, const FamilyCase& c, int threads) {
+  FamilyData d(c);
+  for (auto _ : state) {
+    cold_start(state);
+    bnorm::detail::parallel_ranges(device(threads), Index(d.x.size()), [&](Index begin, Index end) {
+      std::memcpy(d.y.data() + begin, d.x.data() + begin, std::size_t(end - begin) * sizeof(float));
+    });
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(int64_t(state.iterations()) * 2 * c.size() * int64_t(sizeof(float)));
+}
+
+#ifdef BNORM_HAVE_DNNL
+/// oneDNN's layer_normalization (its only member of the family in 2.6), with scale and shift.
+void dnnl_layer_norm(benchmark::State& state, const FamilyCase& c, bool backward, int threads) {
+  using namespace dnnl;
+  omp_set_num_threads(threads);
+  const engine eng(engine::kind::cpu, 0);
+  stream strm(eng);
+  const memory::desc md({c.rows(), c.width()}, memory::data_type::f32, memory::format_tag::ab);
+  const auto flags = normalization_flags::use_scale | normalization_flags::use_shift;
+  FamilyData d(c);
+  const layer_normalization_forward::primitive_desc fwd_pd(
+      {prop_kind::forward_training, md, 1e-5f, flags}, eng);
+  memory src(md, eng, d.x.data()), dst(md, eng, d.y.data()), diff_dst(md, eng, d.dy.data()),
+      diff_src(md, eng, d.dx.data());
+  memory mean(fwd_pd.mean_desc(), eng, d.mean.data()), var(fwd_pd.variance_desc(), eng, d.invstd.data());
+  const memory::desc pd({c.width()}, memory::data_type::f32, memory::format_tag::a);
+  memory scale(pd, eng, d.weight.data()), shift(pd, eng, d.bias.data()),
+      diff_scale(pd, eng, d.grad_weight.data()), diff_shift(pd, eng, d.grad_bias.data());
+  const layer_normalization_forward fwd(fwd_pd);
+  const std::unordered_map<int, memory> fwd_args = {
+      {DNNL_ARG_SRC, src}, {DNNL_ARG_DST, dst}, {DNNL_ARG_MEAN, mean}, {DNNL_ARG_VARIANCE, var},
+      {DNNL_ARG_SCALE, scale}, {DNNL_ARG_SHIFT, shift}};
+  fwd.execute(strm, fwd_args);
+  strm.wait();
+  primitive prim = fwd;
+  std::unordered_map<int, memory> args = fwd_args;
+  if (backward) {
+    prim = layer_normalization_backward(layer_normalization_backward::primitive_desc(
+        {prop_kind::backward, md, md, 1e-5f, flags}, eng, fwd_pd));
+    args = {{DNNL_ARG_SRC, src},          {DNNL_ARG_MEAN, mean},
+            {DNNL_ARG_VARIANCE, var},     {DNNL_ARG_DIFF_DST, diff_dst},
+            {DNNL_ARG_SCALE, scale},      {DNNL_ARG_SHIFT, shift},
+            {DNNL_ARG_DIFF_SRC, diff_src}, {DNNL_ARG_DIFF_SCALE, diff_scale},
+            {DNNL_ARG_DIFF_SHIFT, diff_shift}};
+  }
+  for (auto _ : state) {
+    cold_start(state);
+    prim.execute(strm, args);
+    strm.wait();
+  }
+  state.SetBytesProcessed(int64_t(state.iterations()) * (backward ? 3 : 2) * c.size() *
+                          int64_t(sizeof(float)));
+}
+#endif
+
+void register_family(const std::vector<int>& thread_counts) {
+  for (const FamilyCase& c : family_cases()) {
+    const std::string shape = c.name();
+    for (int t : thread_counts) {
+      const std::string threads = "/t" + std::to_string(t);
+      // One memcpy per shape (LayerNorm and RMSNorm share theirs).
+      if (c.norm != "rmsnorm")
+        benchmark::RegisterBenchmark(("memcpy/copy/-/" + shape + threads).c_str(), family_memcpy, c, t);
+      for (bool backward : {false, true}) {
+        const std::string pass = c.norm + (backward ? "_bwd" : "_fwd");
+        if (c.images()) {
+          for (auto layout : {bnorm::Layout::ChannelsFirst, bnorm::Layout::ChannelsLast})
+            benchmark::RegisterBenchmark(
+                ("bnorm/" + pass + "/" + (layout == bnorm::Layout::ChannelsFirst ? "NCHW" : "NHWC") +
+                 "/" + shape + threads).c_str(),
+                family_bench, c, layout, backward, t);
+        } else {
+          benchmark::RegisterBenchmark(("bnorm/" + pass + "/-/" + shape + threads).c_str(),
+                                       family_bench, c, bnorm::Layout::ChannelsFirst, backward, t);
+#ifdef BNORM_HAVE_DNNL
+          if (c.norm == "layernorm")
+            benchmark::RegisterBenchmark(("onednn/" + pass + "/-/" + shape + threads).c_str(),
+                                         dnnl_layer_norm, c, backward, t);
+#endif
+        }
+      }
+    }
+  }
+}
+
 void register_all(const std::vector<int>& thread_counts) {
   const char* passes[] = {"fwd_train", "fwd_infer", "bwd"};
   for (const Case& c : cases()) {
@@ -508,6 +707,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   register_all(thread_counts);
+  register_family(thread_counts);
   benchmark::AddCustomContext("regime", cold() ? "cold" : "warm");
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
