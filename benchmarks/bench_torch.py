@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Times PyTorch's batch norm on the entries bnorm_bench runs, for compare.py --torch.
+"""Times PyTorch's batch norm (and the rest of the family) on the entries bnorm_bench runs, for
+compare.py --torch.
 
     benchmarks/bench_torch.py build/test/benchmarks/bnorm_bench [--threads 1,4,8,16] [--cold]
         [--filter RE] [--repetitions 5] [--min-time 0.1] > torch.json
@@ -33,7 +34,7 @@ def entries(binary, filt):
     out = []
     for name in names:
         parts = name.split("/")
-        if len(parts) != 5 or parts[0] != "bnorm" or parts[1] not in ("fwd_train", "fwd_infer", "bwd"):
+        if len(parts) != 5 or parts[0] != "bnorm" or parts[1] not in PASSES:
             continue
         if filt and not re.search(filt, name):
             continue
@@ -79,7 +80,7 @@ def main():
             continue
         torch.set_num_threads(int(threads[1:]))
         key = (shape, layout)
-        if key not in cases:
+        if key not in cases and pas not in FAMILY:
             gen = torch.Generator().manual_seed(len(cases))
             x = torch.randn(dims, generator=gen) * 3 + 1
             if layout == "NHWC":
@@ -88,8 +89,14 @@ def main():
             module = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
                       5: torch.nn.BatchNorm3d}[len(dims)](dims[1])
             cases = {key: (x, module, torch.randn_like(x))}  # one shape's tensors at a time
-        x, bn, dy = cases[key]
-        if pas == "fwd_train":
+        if pas in FAMILY:
+            call = family_call(pas, dims, layout)
+        else:
+            call = None
+        x, bn, dy = cases[key] if call is None else (None, None, None)
+        if call is not None:
+            pass
+        elif pas == "fwd_train":
             bn.train()
             def call():
                 with torch.no_grad():
@@ -138,6 +145,46 @@ def main():
 
 
 THREADS = None
+FAMILY = ["layernorm_fwd", "layernorm_bwd", "rmsnorm_fwd", "rmsnorm_bwd", "groupnorm_fwd",
+          "groupnorm_bwd", "instancenorm_fwd", "instancenorm_bwd"]
+PASSES = ["fwd_train", "fwd_infer", "bwd"] + FAMILY
+
+
+def family_call(pas, dims, layout):
+    """A call of PyTorch's module for one of the family's entries (bnorm_bench's names):
+    LayerNorm over the last dim, RMSNorm as its formula where torch has no nn.RMSNorm (before
+    2.4), GroupNorm with 32 groups, InstanceNorm2d; forward under no_grad in train mode, backward
+    the gradients of x and the parameters through autograd."""
+    import torch
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(dims, generator=gen) * 3 + 1
+    if layout == "NHWC":
+        x = x.contiguous(memory_format=torch.channels_last)
+    norm = pas.split("_")[0]
+    if norm == "layernorm":
+        module = torch.nn.LayerNorm(dims[-1])
+    elif norm == "rmsnorm":
+        if hasattr(torch.nn, "RMSNorm"):
+            module = torch.nn.RMSNorm(dims[-1])
+        else:
+            weight = torch.nn.Parameter(torch.ones(dims[-1]))
+            eps = torch.finfo(torch.float32).eps
+            module = lambda t: t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps) * weight
+            module.parameters = lambda: [weight]
+    elif norm == "groupnorm":
+        module = torch.nn.GroupNorm(32, dims[1])
+    else:
+        module = torch.nn.InstanceNorm2d(dims[1], affine=True)
+    if pas.endswith("_fwd"):
+        def call():
+            with torch.no_grad():
+                module(x)
+        return call
+    xg = x.detach().requires_grad_(True)
+    y = module(xg)
+    dy = torch.randn_like(y)
+    wanted = [xg] + list(module.parameters())
+    return lambda: torch.autograd.grad(y, wanted, dy, retain_graph=True)
 
 if __name__ == "__main__":
     main()

@@ -34,7 +34,11 @@ import statistics
 import subprocess
 import sys
 
-PASSES = ["fwd_train", "fwd_infer", "bwd"]
+PASSES = ["fwd_train", "fwd_infer", "bwd",
+          # the rest of the family (LayerNorm and RMSNorm rows have layout "-")
+          "layernorm_fwd", "layernorm_bwd", "rmsnorm_fwd", "rmsnorm_bwd", "groupnorm_fwd",
+          "groupnorm_bwd", "instancenorm_fwd", "instancenorm_bwd"]
+LAYOUTS = ["NCHW", "NHWC", "-"]
 
 
 THREADS = None  # --threads for bnorm_bench (None: its default, 1 and every core)
@@ -190,7 +194,7 @@ def table(figures, context, counts, runs=1):
             shapes.append(shape)
     fmt = lambda v: "" if v is None else f"{v:.2f}"
     for shape in shapes:
-        for layout in ("NCHW", "NHWC"):
+        for layout in LAYOUTS:
             for pas in PASSES:
                 if (shape, layout, pas) not in figures:
                     continue
@@ -217,7 +221,7 @@ def plot(times, path, filt=""):
         if (impl == "bnorm" and pas in PASSES and (shape, pas) not in panels and
                 re.search(filt, "/".join((impl, pas, layout, shape, threads)))):
             panels.append((shape, pas))
-    columns = len(PASSES)
+    columns = 3
     rows = (len(panels) + columns - 1) // columns
     height = 2.6 * rows + 1.0
     fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, height), squeeze=False)
@@ -233,9 +237,10 @@ def plot(times, path, filt=""):
                     ys.append(mem1 / t)
             if xs:
                 ax.plot(xs, ys, style, label=label)
-        for layout in ("NCHW", "NHWC"):
-            line(f"bnorm {layout}", lambda t, l=layout: times.get(("bnorm", pas, l, shape, t)),
-                 "o-" if layout == "NCHW" else "s-")
+        for layout in LAYOUTS:
+            line(f"bnorm {layout}" if layout != "-" else "bnorm",
+                 lambda t, l=layout: times.get(("bnorm", pas, l, shape, t)),
+                 "o-" if layout != "NHWC" else "s-")
         for peer, label in (("onednn", "oneDNN best"), ("pytorch", "PyTorch best")):
             line(label, lambda t, p=peer: min([v for k, v in times.items() if k[0] == p and
                                                k[1] == pas and k[3] == shape and k[4] == t],
@@ -249,7 +254,11 @@ def plot(times, path, filt=""):
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
+    legend = {}  # every label of every panel, once
+    for ax in axes.flat:
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(l, h)
+    handles, labels = list(legend.values()), list(legend.keys())
     fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8)
     fig.supxlabel("threads")
     fig.supylabel("speed (1-thread memcpy = 1)", fontsize=9)
