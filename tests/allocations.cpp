@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 namespace {
 std::atomic<long> allocations{0};
@@ -106,6 +107,49 @@ int main() {
     Tensor fresh;
     if (count([&] { fresh = bn.infer(x); }) == 0) failures += check("the allocation counter", -1);
     failures += check(name + ": infer, 2 threads", count([&] { bn.infer(x, ym, device); }));
+    // The rest of the family, on the same tensor.
+    bnorm::GroupNormOptions go;
+    go.layout = layout;
+    bnorm::GroupNorm<float> gn(4, 16, go);
+    bnorm::InstanceNormOptions io;
+    io.layout = layout;
+    io.affine = io.track_running_stats = true;
+    bnorm::InstanceNorm2d<float> in(16, io);
+    bnorm::LayerNorm<float> ln({last ? bnorm::Index{7} : bnorm::Index{9}, last ? bnorm::Index{16} : bnorm::Index{7}});
+    bnorm::RMSNorm<float> rms({last ? bnorm::Index{16} : bnorm::Index{7}});
+    auto family = [&](auto& m, const std::string& what) {
+      failures += check(name + ": " + what + " training forward + backward, 2 threads",
+                        count([&] {
+                          m.forward(x, ym, device);
+                          m.backward(x, dxm, device);
+                        }));
+      failures += check(name + ": " + what + " infer, 2 threads",
+                        count([&] { m.infer(x, ym, device); }));
+    };
+    family(gn, "GroupNorm");
+    family(in, "InstanceNorm2d");
+    family(ln, "LayerNorm");
+    family(rms, "RMSNorm");
+  }
+  {
+    namespace fn = bnorm::functional;
+    std::vector<float> x(4 * 16 * 63, 1.5f), y(x.size()), dx(x.size()), w(16 * 63, 1.f),
+        mean(4 * 16), invstd(mean.size()), grad(w.size());
+    x[5] = 3;
+    const fn::Shape shape{4, 16, 63, bnorm::Layout::ChannelsFirst};
+    const fn::Execution<float> ex{&device, nullptr};
+    failures += check("functional GroupNorm forward + backward, 2 threads", count([&] {
+      fn::group_norm_forward<float>(shape, 4, x.data(), y.data(), 1e-5, {w.data(), w.data()},
+                                    {mean.data(), invstd.data()}, ex);
+      fn::group_norm_backward<float>(shape, 4, y.data(), x.data(), dx.data(), mean.data(),
+                                     invstd.data(), w.data(), grad.data(), grad.data(), ex);
+    }));
+    failures += check("functional LayerNorm forward + backward, 2 threads", count([&] {
+      fn::layer_norm_forward<float>(64, 63, x.data(), y.data(), 1e-5, {w.data(), w.data()},
+                                    {mean.data(), invstd.data()}, ex);
+      fn::layer_norm_backward<float>(64, 63, y.data(), x.data(), dx.data(), mean.data(),
+                                     invstd.data(), w.data(), grad.data(), nullptr, ex);
+    }));
   }
   std::printf(failures == 0 ? "no allocation in steady state\n" : "ALLOCATIONS in steady state\n");
   return failures == 0 ? 0 : 1;

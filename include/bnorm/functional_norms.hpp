@@ -219,7 +219,8 @@ void group_norm_backward(const Shape& shape, Index groups, const T* dy, const T*
                          T* grad_bias, const Execution<T>& ex = {}) {
   detail::check_groups(shape, groups);
   detail::check_pointer(mean, "mean");
-  const std::vector<double> means(mean, mean + std::max<Index>(shape.batch, 0) * groups);
+  auto& means = detail::workspace(ex).group_stats;  // group_norm_backward does not use it
+  means.assign(mean, mean + std::max<Index>(shape.batch, 0) * groups);
   detail::group_norm_backward(shape, groups, dy, x, dx, means.data(), invstd, weight,
                               grad_weight, grad_bias, ex);
 }
@@ -266,7 +267,8 @@ void layer_norm_forward(Index rows, Index width, const T* x, T* y, double eps,
   detail::check_pointer(x, "x");
   detail::check_pointer(y, "y");
   auto& ws = detail::workspace(ex);
-  std::vector<double> mean(stats.mean ? std::size_t(rows) : 0);
+  auto& mean = ws.centers;  // rows_forward does not use it
+  mean.resize(stats.mean ? std::size_t(rows) : 0);
   bnorm::detail::rows_forward<bnorm::detail::RowCenter::Mean>(
       {rows, width}, x, y, static_cast<T*>(nullptr), eps, affine.weight, affine.bias,
       stats.mean ? mean.data() : nullptr, stats.invstd, ws, ex.device);
@@ -286,10 +288,11 @@ void layer_norm_backward(Index rows, Index width, const T* dy, const T* x, T* dx
                           static_cast<const void*>(invstd)})
       detail::check_pointer(p, "dy, x, dx, mean or invstd");
   }
-  const std::vector<double> centers(mean, mean + (rows > 0 ? rows : 0));
+  auto& ws = detail::workspace(ex);
+  ws.centers.assign(mean, mean + (rows > 0 ? rows : 0));  // rows_backward does not use it
   bnorm::detail::rows_backward<bnorm::detail::RowCenter::Mean>(
-      {rows, width}, dy, x, dx, centers.data(), invstd, weight, grad_weight, grad_bias,
-      detail::workspace(ex), ex.device);
+      {rows, width}, dy, x, dx, ws.centers.data(), invstd, weight, grad_weight, grad_bias, ws,
+      ex.device);
 }
 
 /// RMSNorm over rows of `width` values: y = x * invstd * weight[d], invstd = 1 / sqrt(mean(x^2)
