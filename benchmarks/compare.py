@@ -228,6 +228,9 @@ def plot(times, path, filt=""):
     for ax, (shape, pas) in zip(axes.flat, panels):
         mem1 = times.get(("memcpy", "copy", "-", shape, "t1"))
         counts = sorted({int(k[4][1:]) for k in times if k[3] == shape and k[0] == "bnorm"})
+        colors = {"bnorm": "tab:blue", "bnorm NCHW": "tab:blue", "bnorm NHWC": "tab:orange",
+                  "oneDNN best": "tab:green", "PyTorch best": "tab:red", "memcpy": None}
+
         def line(label, time_of, style):
             xs, ys = [], []
             for n in counts:
@@ -235,8 +238,8 @@ def plot(times, path, filt=""):
                 if t and mem1:
                     xs.append(n)
                     ys.append(mem1 / t)
-            if xs:
-                ax.plot(xs, ys, style, label=label)
+            if xs:  # a colour per implementation, the same in every panel
+                ax.plot(xs, ys, style, label=label, **({"color": colors[label]} if colors.get(label) else {}))
         for layout in LAYOUTS:
             line(f"bnorm {layout}" if layout != "-" else "bnorm",
                  lambda t, l=layout: times.get(("bnorm", pas, l, shape, t)),

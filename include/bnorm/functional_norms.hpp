@@ -40,18 +40,32 @@ inline void check_rows(Index rows, Index width) {
          std::to_string(width));
 }
 
-/// Calls call(view, first_sample, offset) once per kernel call: channels-first data in one call
-/// over x[1][N * C][spatial]; channels-last data a sample at a time over x[spatial][C][1], at
-/// element offset `offset`. A channel p of a view is channel (first_sample * C + p) % C of
-/// sample (first_sample * C + p) / C.
-template <class Call>
-void for_each_view(const Shape& s, Call call) {
+/// Calls call(view, first_sample, offset, workspace, device) once per kernel call:
+/// channels-first data in one call over x[1][N * C][spatial]; channels-last data a sample at a
+/// time over x[spatial][C][1], at element offset `offset`. A channel p of a view is channel
+/// (first_sample * C + p) % C of sample (first_sample * C + p) / C. Where there are at least as
+/// many samples as workers, each worker takes whole samples, on the calling thread's terms
+/// (device null) with a workspace of its own: a sample split over the workers would wake them
+/// three times (reduce, merge, apply) for a few hundred microseconds of work each. Either way
+/// each sample's results are the same.
+template <class T, class Call>
+void for_each_view(const Shape& s, Workspace<T>& ws, const Eigen::ThreadPoolDevice* device,
+                   Call call) {
   if (s.layout == Layout::ChannelsFirst) {
-    call(Geometry{1, s.batch * s.channels, s.spatial}, Index{0}, Index{0});
+    call(Geometry{1, s.batch * s.channels, s.spatial}, Index{0}, Index{0}, ws, device);
     return;
   }
-  for (Index n = 0; n < s.batch; ++n)
-    call(Geometry{s.spatial, s.channels, 1}, n, n * s.spatial * s.channels);
+  const Geometry view{s.spatial, s.channels, 1};
+  const Index workers = bnorm::detail::workers(device);
+  if (workers > 1 && s.batch >= workers) {
+    ws.per_worker.resize(std::size_t(workers));
+    bnorm::detail::parallel_workers(device, s.batch, [&](Index w, Index n0, Index n1) {
+      for (Index n = n0; n < n1; ++n)
+        call(view, n, n * s.spatial * s.channels, ws.per_worker[std::size_t(w)], nullptr);
+    });
+    return;
+  }
+  for (Index n = 0; n < s.batch; ++n) call(view, n, n * s.spatial * s.channels, ws, device);
 }
 
 /// GroupNorm's training forward (InstanceNorm's with groups = channels). Writes each group's
@@ -71,7 +85,8 @@ void group_norm_forward(const Shape& shape, Index groups, const T* x, T* y, doub
   const Index C = shape.channels, k = C / groups;
   const double count = double(k * shape.spatial);
   double* group_stats = ws.group_stats.data();
-  for_each_view(shape, [&](const Geometry& g, Index first, Index off) {
+  for_each_view(shape, ws, ex.device, [&](const Geometry& g, Index first, Index off,
+                                          Workspace<T>& own, const Eigen::ThreadPoolDevice* on) {
     const Index base = first * C;  // the view's channel 0, counted over the samples
     auto finish = [&](Index c0, Index nc, const Partial* total, T* coef) {
       // nc / k groups, at most kFinishBatch of them (see reduce_then_apply's granule).
@@ -104,8 +119,7 @@ void group_norm_forward(const Shape& shape, Index groups, const T* x, T* y, doub
     };
     const T* in[] = {x + off};
     bnorm::detail::Streams<T, 1> s{{x + off}, y + off, copy_of_x ? copy_of_x + off : nullptr};
-    reduce_then_apply<NormalizeOp, void>(g, in, nullptr, merge_moments, finish, s, ws, ex.device,
-                                         k);
+    reduce_then_apply<NormalizeOp, void>(g, in, nullptr, merge_moments, finish, s, own, on, k);
   });
 }
 
@@ -132,10 +146,11 @@ void group_norm_backward(const Shape& shape, Index groups, const T* dy, const T*
   ws.param_sums.resize(std::size_t(2 * shape.batch * C));
   double* sums_of = ws.param_sums.data();  // [sum dy, sum dy * xhat] per sample and channel
   auto w = [&](Index channel) { return weight ? double(weight[channel]) : 1.0; };
-  for_each_view(shape, [&](const Geometry& g, Index first, Index off) {
+  for_each_view(shape, ws, ex.device, [&](const Geometry& g, Index first, Index off,
+                                          Workspace<T>& own, const Eigen::ThreadPoolDevice* on) {
     const Index base = first * C;
-    ws.centers.resize(std::size_t(g.channels));
-    for (Index c = 0; c < g.channels; ++c) ws.centers[std::size_t(c)] = mean[(base + c) / k];
+    own.centers.resize(std::size_t(g.channels));
+    for (Index c = 0; c < g.channels; ++c) own.centers[std::size_t(c)] = mean[(base + c) / k];
     auto finish = [&](Index c0, Index nc, const Partial* sums, T* coef) {
       for (Index j = 0; j < nc / k; ++j) {
         const Index group = (base + c0) / k + j;
@@ -160,9 +175,9 @@ void group_norm_backward(const Shape& shape, Index groups, const T* dy, const T*
       }
     };
     const T* in[] = {dy + off, x + off};
-    reduce_then_apply<InputGradOp, GradientSums>(g, in, ws.centers.data(), merge_sums, finish,
+    reduce_then_apply<InputGradOp, GradientSums>(g, in, own.centers.data(), merge_sums, finish,
                                                  Streams<T, 2>{{dy + off, x + off}, dx + off},
-                                                 ws, ex.device, k);
+                                                 own, on, k);
   });
   // Parameter gradients: each channel's terms summed over the samples in order.
   for (Index c = 0; c < C; ++c) {
