@@ -9,6 +9,8 @@
 
 #include "util.hpp"
 
+using testing::values;
+
 namespace {
 
 struct Step {
@@ -27,14 +29,6 @@ struct Case {
   std::vector<double> weight, bias;
   std::vector<Step> steps;
 };
-
-std::vector<double> read_array(std::istream& in) {
-  std::size_t n = 0;
-  in >> n;
-  std::vector<double> v(n);
-  for (auto& e : v) in >> e;
-  return v;
-}
 
 std::vector<Case> load(const std::string& file) {
   std::ifstream in(std::string(BNORM_FIXTURE_DIR) + "/" + file);
@@ -64,14 +58,14 @@ std::vector<Case> load(const std::string& file) {
         in >> rank;
         c.dims.resize(std::size_t(rank));
         for (auto& d : c.dims) in >> d;
-      } else if (word == "weight") c.weight = read_array(in);
-      else if (word == "bias") c.bias = read_array(in);
+      } else if (word == "weight") c.weight = testing::read_counted(in);
+      else if (word == "bias") c.bias = testing::read_counted(in);
       else if (word == "step") {
         c.steps.emplace_back();
         in >> c.steps.back().mode;
       } else if (word == "num_batches_tracked") in >> c.steps.back().num_batches_tracked;
       else if (word == "end") continue;
-      else c.steps.back().arrays[word] = read_array(in);
+      else c.steps.back().arrays[word] = testing::read_counted(in);
     }
   }
   return cases;
@@ -80,11 +74,6 @@ std::vector<Case> load(const std::string& file) {
 template <class T>
 std::vector<T> narrow(const std::vector<double>& v) {
   return std::vector<T>(v.begin(), v.end());
-}
-
-template <class T>
-std::vector<T> values(const Eigen::Tensor<T, 1>& t) {
-  return std::vector<T>(t.data(), t.data() + t.size());
 }
 
 template <class Module, int Rank>

@@ -501,3 +501,139 @@ TEMPLATE_TEST_CASE("infer normalizes like eval mode and changes nothing", "[modu
     CHECK_THROWS_WITH(bn.infer(bad), Catch::Contains("expected 4D input (got 3D input)"));
   }
 }
+
+// --- Eigen matrices ----------------------------------------------------------------------------
+
+namespace {
+
+template <class T, int Order>
+using MatrixOf = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Order>;
+
+/// A (samples, features) matrix of the row-major values v, stored in `Order`.
+template <class T, int Order>
+MatrixOf<T, Order> matrix_of(const std::vector<T>& v, Index rows, Index cols) {
+  return Eigen::Map<const MatrixOf<T, Eigen::RowMajor>>(v.data(), rows, cols);
+}
+
+/// A matrix's elements in row-major order, as the reference holds them.
+template <class M>
+std::vector<typename M::Scalar> row_major_values(const M& m) {
+  std::vector<typename M::Scalar> v;
+  for (Index r = 0; r < m.rows(); ++r)
+    for (Index c = 0; c < m.cols(); ++c) v.push_back(m(r, c));
+  return v;
+}
+
+/// compare_sequence's steps on BatchNorm1d fed (samples, features) matrices stored in `Order`,
+/// outputs in caller-owned poisoned matrices and in returned ones.
+template <class T, int Order>
+void compare_matrix_sequence(Index rows, Index cols, const bnorm::Options& opt, int workers) {
+  const reference::Shape sh{rows, cols, 1, Layout::ChannelsFirst};
+  bnorm::BatchNorm1d<T> bn(cols, opt);
+  reference::Module ref(cols, opt);
+  testing::Pool pool(workers);
+  for (const char* mode : {"train", "train", "eval", "train"}) {
+    INFO("step " << mode);
+    const bool training = std::string(mode) == "train";
+    bn.train(training);
+    ref.training = training;
+    const auto x = testing::random_input<T>(sh), dy = testing::random_input<T>(sh, 1.0);
+    const auto expected = ref.step(sh, x, dy);
+    const MatrixOf<T, Order> xm = matrix_of<T, Order>(x, rows, cols);
+    const MatrixOf<T, Order> dym = matrix_of<T, Order>(dy, rows, cols);
+    MatrixOf<T, Order> y = MatrixOf<T, Order>::Constant(rows, cols, std::numeric_limits<T>::quiet_NaN());
+    MatrixOf<T, Order> dx = y;
+    if (workers > 0) {
+      bn.forward(xm, y, *pool.device);
+      bn.backward(dym, dx, *pool.device);
+    } else {
+      bn.forward(xm, y);
+      bn.backward(dym, dx);
+    }
+    testing::check_close(row_major_values(y), expected.y, "y");
+    testing::check_close(row_major_values(dx), expected.dx, "dx");
+    testing::check_sum_close(raw(bn.grad_weight()), ref.grad_weight, ref.grad_weight_terms,
+                             "grad_weight");
+    testing::check_close(raw(bn.running_mean()), ref.running_mean, "running_mean");
+    testing::check_close(raw(bn.running_var()), ref.running_var, "running_var");
+    // infer returns a matrix of the input's type, normalized as eval mode does.
+    const MatrixOf<T, Order> inferred = bn.infer(xm);
+    bnorm::BatchNorm1d<T> copy = bn;
+    copy.eval();
+    const MatrixOf<T, Order> eval_y = copy.forward(xm);
+    CHECK(testing::same_bits(row_major_values(inferred), row_major_values(eval_y)));
+  }
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("BatchNorm1d takes (samples, features) Eigen matrices in either order",
+                   "[module][matrix]", float, double) {
+  using T = TestType;
+  for (const auto& opt : option_sets(Layout::ChannelsFirst)) {
+    INFO(describe(opt));
+    for (int workers : {0, 3}) {
+      INFO("workers " << workers);
+      compare_matrix_sequence<T, Eigen::ColMajor>(37, 5, opt, workers);
+      compare_matrix_sequence<T, Eigen::RowMajor>(37, 5, opt, workers);
+      compare_matrix_sequence<T, Eigen::ColMajor>(300, 67, opt, workers);
+    }
+  }
+}
+
+TEST_CASE("matrices: no copy, in place through a Map, and clear errors", "[module][matrix]") {
+  using ColMatrix = Eigen::MatrixXf;
+  using RowMatrix = MatrixOf<float, Eigen::RowMajor>;
+  const reference::Shape sh{11, 4, 1, Layout::ChannelsFirst};
+  const auto x = testing::random_input<float>(sh);
+  // A column-major matrix is the same numbers as a tensor (1, features, samples): the same bits.
+  bnorm::BatchNorm1d<float> by_matrix(4), by_tensor(4);
+  ColMatrix xm = matrix_of<float, Eigen::ColMajor>(x, 11, 4);
+  Eigen::TensorMap<Eigen::Tensor<float, 3, Eigen::RowMajor>> xt(xm.data(), 1, 4, 11);
+  const ColMatrix y = by_matrix.forward(xm);
+  const Eigen::Tensor<float, 3, Eigen::RowMajor> yt = by_tensor.forward(xt);
+  CHECK(testing::same_bits(std::vector<float>(y.data(), y.data() + y.size()),
+                           std::vector<float>(yt.data(), yt.data() + yt.size())));
+  CHECK(testing::same_bits(raw(by_matrix.running_var()), raw(by_tensor.running_var())));
+  // In place through a Map of the caller's buffer.
+  std::vector<float> buffer(xm.data(), xm.data() + xm.size());
+  Eigen::Map<ColMatrix> in_place(buffer.data(), 11, 4);
+  bnorm::BatchNorm1d<float> mapped(4);
+  mapped.forward(in_place, in_place);
+  CHECK(testing::same_bits(buffer, std::vector<float>(y.data(), y.data() + y.size())));
+
+  // Errors name the matrix's own (samples, features) and change nothing.
+  bnorm::BatchNorm1d<float> bn(4);
+  bn.forward(xm);
+  const auto before = raw(bn.running_mean());
+  ColMatrix wrong(11, 5);
+  wrong.setRandom();
+  CHECK_THROWS_WITH(bn.forward(wrong), "bnorm::BatchNorm1d: expected 4 channels in dimension 1 "
+                                       "(ChannelsFirst), got input of shape [11, 5]");
+  ColMatrix one_sample(1, 4);
+  one_sample.setRandom();
+  CHECK_THROWS_WITH(bn.forward(one_sample), "bnorm::BatchNorm1d: Expected more than 1 value per "
+                                            "channel when training, got input size [1, 4]");
+  ColMatrix wide(12, 4);
+  wide.setRandom();
+  CHECK_THROWS_WITH(bn.forward(wide.topRows(11)),
+                    "bnorm::BatchNorm1d: expected x to be a contiguous matrix (inner stride 1, "
+                    "outer stride its inner size), got one of strides [1, 12]");
+  CHECK_THROWS_AS(bn.forward(xm, wide.topRows(11)), std::invalid_argument);
+  const RowMatrix dy_rows = RowMatrix::Ones(11, 4);
+  CHECK_THROWS_WITH(bn.backward(dy_rows),
+                    "bnorm::BatchNorm1d: expected dy stored like the last forward's input (a "
+                    "column-major matrix), got row-major storage");
+  CHECK(testing::same_bits(raw(bn.running_mean()), before));
+  const ColMatrix dy_columns = ColMatrix::Ones(11, 4);
+  CHECK_NOTHROW(bn.backward(dy_columns));
+
+  // Row-major matrices are PyTorch's (N, C) layout: LayerNorm takes them too.
+  bnorm::LayerNorm<float> ln({4});
+  const RowMatrix xr = matrix_of<float, Eigen::RowMajor>(x, 11, 4);
+  const RowMatrix yr = ln.forward(xr);
+  Eigen::TensorMap<const Eigen::Tensor<float, 2, Eigen::RowMajor>> xrt(xr.data(), 11, 4);
+  const Eigen::Tensor<float, 2, Eigen::RowMajor> yrt = ln.forward(xrt);
+  CHECK(testing::same_bits(std::vector<float>(yr.data(), yr.data() + yr.size()),
+                           std::vector<float>(yrt.data(), yrt.data() + yrt.size())));
+}

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <istream>
 #include <limits>
 #include <memory>
 #include <random>
@@ -60,6 +61,21 @@ std::vector<T> random_vector(Index n, double lo, double hi) {
 template <class T>
 std::vector<double> widen(const std::vector<T>& v) {
   return std::vector<double>(v.begin(), v.end());
+}
+
+/// A rank-1 tensor's elements (the modules' parameters, gradients and running statistics).
+template <class T>
+std::vector<T> values(const Eigen::Tensor<T, 1>& t) {
+  return std::vector<T>(t.data(), t.data() + t.size());
+}
+
+/// A fixture file's array: its length, then its values.
+inline std::vector<double> read_counted(std::istream& in) {
+  std::size_t n = 0;
+  in >> n;
+  std::vector<double> v(n);
+  for (auto& e : v) in >> e;
+  return v;
 }
 
 /// A buffer filled with NaN, so that an element the kernel forgot to write fails the check.

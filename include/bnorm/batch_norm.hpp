@@ -24,9 +24,12 @@ using Index = std::ptrdiff_t;
 /// backward, and thread safety: see detail::Module.
 template <class Scalar, int MinRank, int MaxRank>
 class BatchNorm
-    : public detail::Module<BatchNorm<Scalar, MinRank, MaxRank>, Scalar, functional::Shape> {
+    : public detail::Module<BatchNorm<Scalar, MinRank, MaxRank>, Scalar, functional::Shape>,
+      public detail::WithRunningStats<Scalar> {
   using Base = detail::Module<BatchNorm, Scalar, functional::Shape>;
   friend Base;
+  using Base::params_;
+  using detail::WithRunningStats<Scalar>::running_;
 
  public:
   using typename Base::Vector;
@@ -36,38 +39,22 @@ class BatchNorm
   explicit BatchNorm(Index num_features, Options options = {})
       : num_features_(num_features), options_(std::move(options)) {
     if (num_features < 1) fail("expected num_features >= 1, got " + std::to_string(num_features));
-    if (!(options_.eps >= 0) || !std::isfinite(options_.eps))
-      fail("expected eps finite and >= 0, got " + std::to_string(options_.eps));
-    if (options_.momentum && !(*options_.momentum >= 0 && *options_.momentum <= 1))
-      fail("expected momentum in [0, 1] or std::nullopt, got " + std::to_string(*options_.momentum));
+    Base::check_eps(options_.eps);
+    Base::check_momentum(options_.momentum);
     params_ = detail::Parameters<Scalar>(num_features, options_.affine, options_.affine);
     running_ = detail::RunningStats<Scalar>(num_features, options_.track_running_stats);
     saved_mean_.resize(std::size_t(num_features));
     saved_invstd_.resize(std::size_t(num_features));
   }
 
-  // --- parameters and buffers (empty tensors when affine / track_running_stats is off) -------
-  Vector& weight() { return params_.weight; }
-  const Vector& weight() const { return params_.weight; }
-  Vector& bias() { return params_.bias; }
-  const Vector& bias() const { return params_.bias; }
-  Vector& running_mean() { return running_.mean; }
-  const Vector& running_mean() const { return running_.mean; }
-  Vector& running_var() { return running_.var; }
-  const Vector& running_var() const { return running_.var; }
-  Vector& grad_weight() { return params_.grad_weight; }
-  const Vector& grad_weight() const { return params_.grad_weight; }
-  Vector& grad_bias() { return params_.grad_bias; }
-  const Vector& grad_bias() const { return params_.grad_bias; }
-  std::int64_t num_batches_tracked() const { return running_.num_batches_tracked; }
+  // Parameters and running statistics: empty tensors when affine / track_running_stats is off.
+
   /// Sets the count of training forwards (as loading a state does). Must be >= 0.
   void set_num_batches_tracked(std::int64_t n) {
     if (n < 0) fail("expected num_batches_tracked >= 0, got " + std::to_string(n));
     running_.num_batches_tracked = n;
   }
 
-  void zero_grad() { params_.zero_grad(); }
-  void reset_running_stats() { running_.reset(); }
   void reset_parameters() {
     running_.reset();
     params_.reset();
@@ -109,6 +96,13 @@ class BatchNorm
       fail("Expected more than 1 value per channel when training, got input size " +
            detail::dims_string(d));
     return shape;
+  }
+
+  /// A column-major (samples, features) matrix stores each feature's values together: the
+  /// channels-first geometry of one batch row whose positions are the samples.
+  static constexpr bool kColumnMajorMatrices = true;
+  static functional::Shape column_major_problem(const functional::Shape& s) {
+    return {1, s.channels, s.batch * s.spatial, Layout::ChannelsFirst};
   }
 
   template <std::size_t R>
@@ -178,8 +172,6 @@ class BatchNorm
 
   Index num_features_;
   Options options_;
-  detail::Parameters<Scalar> params_;
-  detail::RunningStats<Scalar> running_;
 
   // What backward needs from the last forward, beside its input.
   functional::Statistics saved_kind_ = functional::Statistics::Batch;

@@ -43,6 +43,7 @@ template <class Scalar>
 class GroupNorm : public detail::Module<GroupNorm<Scalar>, Scalar, functional::Shape> {
   using Base = detail::Module<GroupNorm, Scalar, functional::Shape>;
   friend Base;
+  using Base::params_;
 
  public:
   using typename Base::Vector;
@@ -55,20 +56,10 @@ class GroupNorm : public detail::Module<GroupNorm<Scalar>, Scalar, functional::S
     if (num_channels % num_groups != 0)
       fail("num_channels must be divisible by num_groups, got num_channels " +
            std::to_string(num_channels) + " and num_groups " + std::to_string(num_groups));
-    if (!(options_.eps >= 0) || !std::isfinite(options_.eps))
-      fail("expected eps finite and >= 0, got " + std::to_string(options_.eps));
+    Base::check_eps(options_.eps);
     params_ = detail::Parameters<Scalar>(num_channels, options_.affine, options_.affine);
   }
 
-  Vector& weight() { return params_.weight; }
-  const Vector& weight() const { return params_.weight; }
-  Vector& bias() { return params_.bias; }
-  const Vector& bias() const { return params_.bias; }
-  Vector& grad_weight() { return params_.grad_weight; }
-  const Vector& grad_weight() const { return params_.grad_weight; }
-  Vector& grad_bias() { return params_.grad_bias; }
-  const Vector& grad_bias() const { return params_.grad_bias; }
-  void zero_grad() { params_.zero_grad(); }
   void reset_parameters() { params_.reset(); }
 
   Index num_groups() const { return groups_; }
@@ -117,7 +108,6 @@ class GroupNorm : public detail::Module<GroupNorm<Scalar>, Scalar, functional::S
 
   Index groups_, channels_;
   GroupNormOptions options_;
-  detail::Parameters<Scalar> params_;
   std::vector<double> saved_mean_;  // per sample and group, unrounded
   std::vector<Scalar> saved_invstd_;
 };

@@ -19,9 +19,12 @@ BNORM_BEGIN_NAMESPACE
 /// channel count is an error even where affine and track_running_stats are off (PyTorch warns).
 template <class Scalar, int Spatial>
 class InstanceNorm
-    : public detail::Module<InstanceNorm<Scalar, Spatial>, Scalar, functional::Shape> {
+    : public detail::Module<InstanceNorm<Scalar, Spatial>, Scalar, functional::Shape>,
+      public detail::WithRunningStats<Scalar> {
   using Base = detail::Module<InstanceNorm, Scalar, functional::Shape>;
   friend Base;
+  using Base::params_;
+  using detail::WithRunningStats<Scalar>::running_;
 
  public:
   using typename Base::Vector;
@@ -29,31 +32,15 @@ class InstanceNorm
   explicit InstanceNorm(Index num_features, InstanceNormOptions options = {})
       : num_features_(num_features), options_(std::move(options)) {
     if (num_features < 1) fail("expected num_features >= 1, got " + std::to_string(num_features));
-    if (!(options_.eps >= 0) || !std::isfinite(options_.eps))
-      fail("expected eps finite and >= 0, got " + std::to_string(options_.eps));
-    if (options_.momentum && !(*options_.momentum >= 0 && *options_.momentum <= 1))
-      fail("expected momentum in [0, 1] or std::nullopt, got " + std::to_string(*options_.momentum));
+    Base::check_eps(options_.eps);
+    Base::check_momentum(options_.momentum);
     params_ = detail::Parameters<Scalar>(num_features, options_.affine, options_.affine);
     running_ = detail::RunningStats<Scalar>(num_features, options_.track_running_stats);
   }
 
-  Vector& weight() { return params_.weight; }
-  const Vector& weight() const { return params_.weight; }
-  Vector& bias() { return params_.bias; }
-  const Vector& bias() const { return params_.bias; }
-  Vector& grad_weight() { return params_.grad_weight; }
-  const Vector& grad_weight() const { return params_.grad_weight; }
-  Vector& grad_bias() { return params_.grad_bias; }
-  const Vector& grad_bias() const { return params_.grad_bias; }
-  Vector& running_mean() { return running_.mean; }
-  const Vector& running_mean() const { return running_.mean; }
-  Vector& running_var() { return running_.var; }
-  const Vector& running_var() const { return running_.var; }
-  /// Stays 0, as PyTorch's InstanceNorm never counts its batches (momentum std::nullopt means
-  /// no update there, not a cumulative average).
-  std::int64_t num_batches_tracked() const { return running_.num_batches_tracked; }
-  void zero_grad() { params_.zero_grad(); }
-  void reset_running_stats() { running_.reset(); }
+  // Parameters and running statistics: empty tensors when affine / track_running_stats is off.
+  // num_batches_tracked() stays 0, as PyTorch's InstanceNorm never counts its batches
+  // (momentum std::nullopt means no update there, not a cumulative average).
   void reset_parameters() {
     running_.reset();
     params_.reset();
@@ -139,8 +126,6 @@ class InstanceNorm
 
   Index num_features_;
   InstanceNormOptions options_;
-  detail::Parameters<Scalar> params_;
-  detail::RunningStats<Scalar> running_;
   bool saved_batch_ = true;
   std::vector<double> saved_mean_;  // per sample and channel (batch statistics) or per channel
   std::vector<Scalar> saved_invstd_;

@@ -52,6 +52,7 @@ class RowNorm : public detail::Module<RowNorm<Scalar, Opts>, Scalar, detail::Row
   using Base = detail::Module<RowNorm, Scalar, detail::Rows>;
   using Traits = detail::RowNormTraits<Opts>;
   friend Base;
+  using Base::params_;
 
  public:
   using typename Base::Vector;
@@ -65,22 +66,12 @@ class RowNorm : public detail::Module<RowNorm<Scalar, Opts>, Scalar, detail::Row
       width_ *= d;
     }
     eps_ = Traits::template eps<Scalar>(options_);
-    if (!(eps_ >= 0) || !std::isfinite(eps_))
-      fail("expected eps finite and >= 0, got " + std::to_string(eps_));
+    Base::check_eps(eps_);
     params_ = detail::Parameters<Scalar>(width_, Traits::has_weight(options_),
                                          Traits::has_bias(options_));
   }
 
-  // --- parameters (empty tensors when absent), flattened in row-major order -----------------
-  Vector& weight() { return params_.weight; }
-  const Vector& weight() const { return params_.weight; }
-  Vector& bias() { return params_.bias; }
-  const Vector& bias() const { return params_.bias; }
-  Vector& grad_weight() { return params_.grad_weight; }
-  const Vector& grad_weight() const { return params_.grad_weight; }
-  Vector& grad_bias() { return params_.grad_bias; }
-  const Vector& grad_bias() const { return params_.grad_bias; }
-  void zero_grad() { params_.zero_grad(); }
+  // Parameters (empty tensors when absent) are flattened in row-major order.
   void reset_parameters() { params_.reset(); }
 
   const std::vector<Index>& normalized_shape() const { return normalized_shape_; }
@@ -148,7 +139,6 @@ class RowNorm : public detail::Module<RowNorm<Scalar, Opts>, Scalar, detail::Row
   Opts options_;
   Index width_ = 1;
   double eps_ = 0;
-  detail::Parameters<Scalar> params_;
   std::vector<double> saved_mean_;  // per row, unrounded (0 for RMSNorm)
   std::vector<Scalar> saved_invstd_;
 };

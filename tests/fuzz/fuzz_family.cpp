@@ -14,6 +14,7 @@
 #include <limits>
 #include <vector>
 
+#include "fuzz_input.hpp"
 #include "../reference_family.hpp"
 
 namespace {
@@ -21,40 +22,9 @@ namespace {
 namespace fn = bnorm::functional;
 using Index = std::ptrdiff_t;
 
-struct Bytes {
-  const std::uint8_t* p;
-  std::size_t n;
-  std::uint8_t next() {
-    if (n == 0) return 0;
-    --n;
-    return *p++;
-  }
-};
-
-template <class T>
-T draw_value(Bytes& in, double base) {
-  const std::uint8_t kind = in.next();
-  const double v = base + (int(in.next()) - 128) / 16.0;
-  switch (kind % 24) {
-    case 0: return std::numeric_limits<T>::quiet_NaN();
-    case 1: return std::numeric_limits<T>::infinity() * (kind & 32 ? -1 : 1);
-    case 2: return std::numeric_limits<T>::max() / T(1 + (kind >> 5));
-    case 3: return std::numeric_limits<T>::denorm_min() * T(1 + (kind >> 4));
-    default: return T(v);
-  }
-}
-
-[[noreturn]] void fail(const char* what, Index i, double got, double want) {
-  std::fprintf(stderr, "bnorm_fuzz_family: %s at %td: got %.17g, expected %.17g\n", what, i, got,
-               want);
-  std::abort();
-}
-
-const Eigen::ThreadPoolDevice& two_threads() {
-  static Eigen::ThreadPool pool(2);
-  static Eigen::ThreadPoolDevice device(&pool, 2);
-  return device;
-}
+using fuzz::Bytes;
+using fuzz::fail;
+using fuzz::two_threads;
 
 template <class T>
 void same_bits(const std::vector<T>& a, const std::vector<T>& b, const char* what) {
@@ -79,7 +49,7 @@ void check(Bytes in) {
   for (auto& b : base) b = (int(in.next()) - 128) * 4.0;
   std::vector<T> x(std::size_t(sh.size())), dy(x.size());
   for (std::size_t i = 0; i < x.size(); ++i) {
-    x[i] = draw_value<T>(in, base[i / std::size_t(channels * spatial)]);
+    x[i] = fuzz::draw_value<T>(in, base[i / std::size_t(channels * spatial)], 24);
     dy[i] = T((int(in.next()) - 128) / 64.0);
   }
   const Index params = kind == 0 ? channels : channels * spatial;

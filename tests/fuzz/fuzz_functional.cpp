@@ -15,6 +15,7 @@
 #include <limits>
 #include <vector>
 
+#include "fuzz_input.hpp"
 #include "../reference.hpp"
 
 namespace {
@@ -22,40 +23,9 @@ namespace {
 namespace fn = bnorm::functional;
 using Index = std::ptrdiff_t;
 
-struct Bytes {
-  const std::uint8_t* p;
-  std::size_t n;
-  std::uint8_t next() {
-    if (n == 0) return 0;
-    --n;
-    return *p++;
-  }
-};
-
-template <class T>
-T draw_value(Bytes& in, double base) {
-  const std::uint8_t kind = in.next();
-  const double v = base + (int(in.next()) - 128) / 16.0;
-  switch (kind % 16) {
-    case 0: return std::numeric_limits<T>::quiet_NaN();
-    case 1: return std::numeric_limits<T>::infinity() * (kind & 16 ? -1 : 1);
-    case 2: return std::numeric_limits<T>::max() / T(1 + (kind >> 5));
-    case 3: return std::numeric_limits<T>::denorm_min() * T(1 + (kind >> 4));
-    case 4: return T(0);
-    default: return T(v);
-  }
-}
-
-[[noreturn]] void fail(const char* what, Index i, double got, double want) {
-  std::fprintf(stderr, "bnorm_fuzz: %s at %td: got %.17g, expected %.17g\n", what, i, got, want);
-  std::abort();
-}
-
-const Eigen::ThreadPoolDevice& two_threads() {
-  static Eigen::ThreadPool pool(2);
-  static Eigen::ThreadPoolDevice device(&pool, 2);
-  return device;
-}
+using fuzz::Bytes;
+using fuzz::fail;
+using fuzz::two_threads;
 
 template <class T>
 void check(Bytes in) {
@@ -74,7 +44,7 @@ void check(Bytes in) {
   for (Index n = 0; n < batch; ++n)
     for (Index c = 0; c < channels; ++c)
       for (Index s = 0; s < spatial; ++s) {
-        x[sh.at(n, c, s)] = draw_value<T>(in, base[std::size_t(c)]);
+        x[sh.at(n, c, s)] = fuzz::draw_value<T>(in, base[std::size_t(c)], 16);
         dy[sh.at(n, c, s)] = T((int(in.next()) - 128) / 64.0);
       }
   std::vector<T> w(static_cast<std::size_t>(channels)), b(w.size());

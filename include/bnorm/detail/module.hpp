@@ -1,13 +1,14 @@
 #pragma once
 // What every normalization module shares: the forward, infer and backward overloads over Eigen
-// Tensors and TensorMaps, their checks of type, rank and dims, the train / eval mode, and what a
-// forward keeps for backward. A module (CRTP) says what its kernels are called with (its
+// Tensors and TensorMaps, their checks of type, rank and dims, the train / eval mode, the
+// learnable parameters, and what a forward keeps for backward. A module (CRTP) says what its kernels are called with (its
 // Problem) and calls them.
 
 #include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -15,21 +16,13 @@
 #include <vector>
 
 #include "../functional.hpp"
+#include "parameters.hpp"
 
 BNORM_BEGIN_NAMESPACE
 
 using Index = std::ptrdiff_t;
 
 namespace detail {
-
-/// Rank, scalar and storage order of an Eigen Tensor or TensorMap (const or not).
-template <class X>
-struct TensorTraits {
-  using Plain = std::remove_cv_t<std::remove_reference_t<X>>;
-  using Scalar = std::remove_const_t<typename Eigen::internal::traits<Plain>::Scalar>;
-  static constexpr int rank = Plain::NumIndices;
-  static constexpr bool row_major = (int(Plain::Layout) == int(Eigen::RowMajor));
-};
 
 template <std::size_t Rank>
 std::string dims_string(const std::array<Index, Rank>& d) {
@@ -45,6 +38,43 @@ std::array<Index, std::size_t(Rank)> dims_of(const Eigen::DSizes<Index, Rank>& d
   return a;
 }
 
+template <class X>
+using Plain = std::remove_cv_t<std::remove_reference_t<X>>;
+
+/// How a module sees an argument: an Eigen Tensor or TensorMap (const or not) by its rank and
+/// dims, in its storage order.
+template <class X, class = void>
+struct ArgTraits {
+  using Scalar = std::remove_const_t<typename Eigen::internal::traits<Plain<X>>::Scalar>;
+  static constexpr bool is_matrix = false;
+  static constexpr int rank = Plain<X>::NumIndices;
+  static constexpr bool row_major = (int(Plain<X>::Layout) == int(Eigen::RowMajor));
+  using Output = Eigen::Tensor<Scalar, rank, Eigen::RowMajor>;
+  static std::array<Index, std::size_t(rank)> dims(const X& x) {
+    return dims_of<rank>(x.dimensions());
+  }
+  static Output make_like(const X& x) { return Output(x.dimensions()); }
+  static bool contiguous(const X&) { return true; }
+};
+
+/// A dense Eigen matrix (Matrix, Map, Ref, Block) is a rank-2 (rows, cols) argument stored in
+/// its own order; its storage must be contiguous.
+template <class X>
+struct ArgTraits<X, std::enable_if_t<std::is_base_of_v<Eigen::DenseBase<Plain<X>>, Plain<X>>>> {
+  using Scalar = typename Plain<X>::Scalar;
+  static constexpr bool is_matrix = true;
+  static constexpr int rank = 2;
+  static constexpr bool row_major = bool(Plain<X>::IsRowMajor);
+  static constexpr bool direct = (Eigen::internal::traits<Plain<X>>::Flags & Eigen::DirectAccessBit) != 0;
+  using Output = typename Plain<X>::PlainObject;
+  static std::array<Index, 2> dims(const X& x) { return {Index(x.rows()), Index(x.cols())}; }
+  static Output make_like(const X& x) { return Output(x.rows(), x.cols()); }
+  static bool contiguous(const X& x) {
+    return x.size() == 0 ||
+           (x.innerStride() == 1 && x.outerStride() == (row_major ? x.cols() : x.rows()));
+  }
+};
+
 /// The shared part of a module. Derived provides:
 ///   static std::string name();
 ///   template <std::size_t R> Problem problem(const std::array<Index, R>& dims,
@@ -59,7 +89,10 @@ std::array<Index, std::size_t(Rank)> dims_of(const Eigen::DSizes<Index, Rank>& d
 ///                     const Eigen::ThreadPoolDevice*, bool batch_stats) const;
 ///   void backward_kernel(const Problem&, const Scalar* dy, const Scalar* x, Scalar* dx,
 ///                        const functional::Execution<Scalar>&);
-/// and may hide check_input (a forward's check of the values). Problem has size().
+/// and may hide check_input (a forward's check of the values). Problem has size(). A module
+/// takes a dense Eigen matrix as the rank-2 tensor of its (rows, cols), and a column-major one
+/// too where Derived hides kColumnMajorMatrices and column_major_problem, which gives the Problem
+/// of the same dims stored column by column.
 ///
 /// Thread safety: const member functions (infer, the const accessors, options, ...) may run
 /// concurrently with each other on one module; forward, backward and every other non-const
@@ -82,6 +115,17 @@ class Module {
   void train(bool on = true) { training_ = on; }
   void eval() { training_ = false; }
   bool is_training() const { return training_; }
+
+  // --- learnable parameters and their accumulated gradients (empty tensors where absent) -----
+  Vector& weight() { return params_.weight; }
+  const Vector& weight() const { return params_.weight; }
+  Vector& bias() { return params_.bias; }
+  const Vector& bias() const { return params_.bias; }
+  Vector& grad_weight() { return params_.grad_weight; }
+  const Vector& grad_weight() const { return params_.grad_weight; }
+  Vector& grad_bias() { return params_.grad_bias; }
+  const Vector& grad_bias() const { return params_.grad_bias; }
+  void zero_grad() { params_.zero_grad(); }
 
   // --- forward -------------------------------------------------------------------------------
 
@@ -163,10 +207,24 @@ class Module {
   [[noreturn]] static void fail(const std::string& what) {
     throw std::invalid_argument("bnorm::" + Derived::name() + ": " + what);
   }
+  static void check_eps(double eps) {
+    if (!(eps >= 0) || !std::isfinite(eps))
+      fail("expected eps finite and >= 0, got " + std::to_string(eps));
+  }
+  static void check_momentum(const std::optional<double>& momentum) {
+    if (momentum && !(*momentum >= 0 && *momentum <= 1))
+      fail("expected momentum in [0, 1] or std::nullopt, got " + std::to_string(*momentum));
+  }
+
+  Parameters<Scalar> params_;
 
   /// A forward's check of the input's values (Derived may hide it).
   template <std::size_t R>
   void check_input(const Scalar*, const Problem&, const std::array<Index, R>&) const {}
+
+  /// Whether the module takes column-major matrices, and their Problem (Derived may hide both).
+  static constexpr bool kColumnMajorMatrices = false;
+  static Problem column_major_problem(const Problem& p) { return p; }
 
   bool training_ = true;
   functional::Workspace<Scalar> workspace_;
@@ -175,12 +233,40 @@ class Module {
   Derived& self() { return static_cast<Derived&>(*this); }
   const Derived& self() const { return static_cast<const Derived&>(*this); }
 
+  /// Column-major storage: only column-major matrices are stored so.
+  template <class X>
+  static constexpr bool column_major() {
+    return !ArgTraits<X>::row_major;
+  }
+
   template <class X>
   static constexpr void check_type() {
-    using TT = TensorTraits<X>;
-    static_assert(std::is_same_v<typename TT::Scalar, Scalar>,
-                  "bnorm: the tensor's scalar type differs from the module's");
-    static_assert(TT::row_major, "bnorm: tensors must be Eigen::RowMajor (PyTorch's order)");
+    using A = ArgTraits<X>;
+    static_assert(std::is_same_v<typename A::Scalar, Scalar>,
+                  "bnorm: the argument's scalar type differs from the module's");
+    if constexpr (A::is_matrix) {
+      static_assert(A::direct, "bnorm: matrices must have storage (Matrix, Map, Ref or Block), "
+                               "not be expressions");
+      static_assert(A::row_major || Derived::kColumnMajorMatrices,
+                    "bnorm: this module takes row-major matrices only (samples by features in "
+                    "PyTorch's order); column-major ones are BatchNorm1d's");
+    } else {
+      static_assert(A::row_major, "bnorm: tensors must be Eigen::RowMajor (PyTorch's order)");
+    }
+  }
+
+  static const char* storage_name(bool column_major) {
+    return column_major ? "a column-major matrix" : "row-major storage";
+  }
+
+  /// Fails where a matrix argument's storage has gaps (a Block of a wider matrix, strides).
+  template <class Z>
+  static void check_contiguous(const Z& z, const char* what) {
+    check_type<Z>();
+    if (!ArgTraits<Z>::contiguous(z))
+      fail(std::string("expected ") + what + " to be a contiguous matrix (inner stride 1, outer "
+           "stride its inner size), got one of strides " +
+           dims_string(std::array<Index, 2>{Index(z.innerStride()), Index(z.outerStride())}));
   }
 
   /// Every check of a forward: types, ranks, dims, parameter sizes and the module's own.
@@ -188,13 +274,18 @@ class Module {
   Problem checked_forward(const X& x, const Y& y, bool batch_stats) const {
     check_type<X>();
     check_type<Y>();
-    constexpr int R = TensorTraits<X>::rank;
-    static_assert(TensorTraits<Y>::rank == R, "bnorm: output rank differs from input");
-    const auto dims = dims_of<R>(x.dimensions());
-    const Problem p = self().problem(dims, batch_stats);
-    if (dims_of<R>(y.dimensions()) != dims)
+    constexpr int R = ArgTraits<X>::rank;
+    static_assert(ArgTraits<Y>::rank == R, "bnorm: output rank differs from input");
+    static_assert(column_major<X>() == column_major<Y>(),
+                  "bnorm: the output must be stored in the input's order");
+    const auto dims = ArgTraits<X>::dims(x);
+    Problem p = self().problem(dims, batch_stats);
+    if (ArgTraits<Y>::dims(y) != dims)
       fail("expected an output of shape " + dims_string(dims) + ", got " +
-           dims_string(dims_of<R>(y.dimensions())));
+           dims_string(ArgTraits<Y>::dims(y)));
+    if constexpr (ArgTraits<X>::is_matrix) check_contiguous(x, "x");
+    if constexpr (ArgTraits<Y>::is_matrix) check_contiguous(y, "y");
+    if constexpr (column_major<X>()) p = Derived::column_major_problem(p);
     self().check_state();
     self().check_input(x.data(), p, dims);
     return p;
@@ -203,14 +294,13 @@ class Module {
   template <class X>
   auto forward_new(const X& x, const Eigen::ThreadPoolDevice* device) {
     check_type<X>();
-    Output<TensorTraits<X>::rank> y(x.dimensions());
+    auto y = ArgTraits<X>::make_like(x);
     forward_impl(x, y, device);
     return y;
   }
 
   template <class X, class Y>
   void forward_impl(const X& x, Y& y, const Eigen::ThreadPoolDevice* device) {
-    constexpr int R = TensorTraits<X>::rank;
     const bool batch_stats = self().uses_batch_stats();
     const Problem p = checked_forward(x, y, batch_stats);
     if (p.size() == 0) return;  // an empty batch: nothing to normalize, nothing learned
@@ -219,8 +309,9 @@ class Module {
     if (keep) saved_input_.resize(std::size_t(p.size()));
     self().forward_kernel(p, x.data(), y.data(), keep ? saved_input_.data() : nullptr,
                           functional::Execution<Scalar>{device, &workspace_}, batch_stats);
-    const auto dims = dims_of<R>(x.dimensions());
+    const auto dims = ArgTraits<X>::dims(x);
     saved_dims_.assign(dims.begin(), dims.end());  // allocates once: its capacity stays
+    saved_column_major_ = column_major<X>();
     saved_ = true;
     saved_problem_ = p;
   }
@@ -228,7 +319,7 @@ class Module {
   template <class X>
   auto infer_new(const X& x, const Eigen::ThreadPoolDevice* device) const {
     check_type<X>();
-    Output<TensorTraits<X>::rank> y(x.dimensions());
+    auto y = ArgTraits<X>::make_like(x);
     infer_impl(x, y, device);
     return y;
   }
@@ -244,19 +335,18 @@ class Module {
   template <class DY>
   auto backward_new(const DY& dy, const Eigen::ThreadPoolDevice* device) {
     check_type<DY>();
-    Output<TensorTraits<DY>::rank> dx(dy.dimensions());
+    auto dx = ArgTraits<DY>::make_like(dy);
     backward_impl(dy, dx, device);
     return dx;
   }
 
-  /// Checks that t (dy, dx or x) has the last forward's input shape.
+  /// Checks that t (dy, dx or x) has the last forward's input shape and storage order.
   template <class Z>
   void check_like_saved(const Z& t, const char* what) const {
     check_type<Z>();
-    constexpr int R = TensorTraits<Z>::rank;
     if (!saved_)
       throw std::logic_error("bnorm::" + Derived::name() + ": backward called before any forward");
-    const auto dims = dims_of<R>(t.dimensions());
+    const auto dims = ArgTraits<Z>::dims(t);
     if (!std::equal(dims.begin(), dims.end(), saved_dims_.begin(), saved_dims_.end())) {
       std::string want = "[";
       for (std::size_t i = 0; i < saved_dims_.size(); ++i)
@@ -264,6 +354,10 @@ class Module {
       fail(std::string("expected ") + what + " of the last forward's input shape " + want +
            "], got " + dims_string(dims));
     }
+    if (column_major<Z>() != saved_column_major_)
+      fail(std::string("expected ") + what + " stored like the last forward's input (" +
+           storage_name(saved_column_major_) + "), got " + storage_name(column_major<Z>()));
+    if constexpr (ArgTraits<Z>::is_matrix) check_contiguous(t, what);
   }
 
   template <class DY, class DX>
@@ -294,6 +388,7 @@ class Module {
 
   // What backward needs from the last forward (the module keeps its own statistics).
   bool saved_ = false;  // a forward has run
+  bool saved_column_major_ = false;  // its input was a column-major matrix
   std::vector<Index> saved_dims_;
   Problem saved_problem_{};
   std::vector<Scalar, Eigen::aligned_allocator<Scalar>> saved_input_;  // aligned: streamed to

@@ -102,5 +102,20 @@ struct RunningStats {
   }
 };
 
+/// The running statistics' public accessors, for the modules that keep them.
+template <class Scalar>
+class WithRunningStats {
+ public:
+  Eigen::Tensor<Scalar, 1>& running_mean() { return running_.mean; }
+  const Eigen::Tensor<Scalar, 1>& running_mean() const { return running_.mean; }
+  Eigen::Tensor<Scalar, 1>& running_var() { return running_.var; }
+  const Eigen::Tensor<Scalar, 1>& running_var() const { return running_.var; }
+  std::int64_t num_batches_tracked() const { return running_.num_batches_tracked; }
+  void reset_running_stats() { running_.reset(); }
+
+ protected:
+  RunningStats<Scalar> running_;
+};
+
 }  // namespace detail
 BNORM_END_NAMESPACE
