@@ -141,9 +141,30 @@ bool family_calls(const Eigen::ThreadPoolDevice& device) {
   return ok && std::isfinite(dx[0]);
 }
 
+/// Eigen matrices: column-major into BatchNorm1d, row-major into LayerNorm.
+template <class Scalar>
+bool matrix_calls(const Eigen::ThreadPoolDevice& device) {
+  using Columns = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic>;
+  using Rows = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  bnorm::BatchNorm1d<Scalar> bn(5);
+  Columns x = Columns::Random(9, 5), dy = Columns::Random(9, 5), y(9, 5), dx(9, 5);
+  y = bn.forward(x);
+  bn.forward(x, y, device);
+  dx = bn.backward(dy);
+  bn.backward(x, dy, dx, device);
+  Eigen::Map<Columns> in_place(y.data(), 9, 5);
+  bn.forward(in_place, in_place);
+  const Columns inferred = bn.infer(x);
+  bnorm::LayerNorm<Scalar> ln({5});
+  const Rows rows = Rows::Random(9, 5), row_dy = Rows::Random(9, 5);
+  Rows row_y = ln.forward(rows), row_dx = ln.backward(row_dy);
+  return std::isfinite(inferred(0, 0)) && std::isfinite(dx(0, 0)) && std::isfinite(row_dx(0, 0));
+}
+
 template <class Scalar>
 bool every_module(const Eigen::ThreadPoolDevice& device) {
-  bool ok = functional_calls<Scalar>(device) && family_calls<Scalar>(device);
+  bool ok = functional_calls<Scalar>(device) && family_calls<Scalar>(device) &&
+            matrix_calls<Scalar>(device);
   for (auto layout : {bnorm::Layout::ChannelsFirst, bnorm::Layout::ChannelsLast}) {
     for (bool save : {true, false}) {
       ok = ok && exercise<bnorm::BatchNorm1d<Scalar>, 2>({64, 5}, layout, save, device);
