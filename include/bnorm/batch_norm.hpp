@@ -25,11 +25,11 @@ using Index = std::ptrdiff_t;
 template <class Scalar, int MinRank, int MaxRank>
 class BatchNorm
     : public detail::Module<BatchNorm<Scalar, MinRank, MaxRank>, Scalar, functional::Shape>,
-      public detail::WithRunningStats<Scalar> {
+      public detail::WithRunningStats<BatchNorm<Scalar, MinRank, MaxRank>, Scalar> {
   using Base = detail::Module<BatchNorm, Scalar, functional::Shape>;
   friend Base;
   using Base::params_;
-  using detail::WithRunningStats<Scalar>::running_;
+  using detail::WithRunningStats<BatchNorm, Scalar>::running_;
 
  public:
   using typename Base::Vector;
@@ -48,13 +48,6 @@ class BatchNorm
   }
 
   // Parameters and running statistics: empty tensors when affine / track_running_stats is off.
-
-  /// Sets the count of training forwards (as loading a state does). Must be >= 0.
-  void set_num_batches_tracked(std::int64_t n) {
-    if (n < 0) fail("expected num_batches_tracked >= 0, got " + std::to_string(n));
-    running_.num_batches_tracked = n;
-  }
-
   void reset_parameters() {
     running_.reset();
     params_.reset();

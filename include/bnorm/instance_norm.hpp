@@ -20,11 +20,11 @@ BNORM_BEGIN_NAMESPACE
 template <class Scalar, int Spatial>
 class InstanceNorm
     : public detail::Module<InstanceNorm<Scalar, Spatial>, Scalar, functional::Shape>,
-      public detail::WithRunningStats<Scalar> {
+      public detail::WithRunningStats<InstanceNorm<Scalar, Spatial>, Scalar> {
   using Base = detail::Module<InstanceNorm, Scalar, functional::Shape>;
   friend Base;
   using Base::params_;
-  using detail::WithRunningStats<Scalar>::running_;
+  using detail::WithRunningStats<InstanceNorm, Scalar>::running_;
 
  public:
   using typename Base::Vector;

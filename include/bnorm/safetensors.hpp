@@ -23,10 +23,11 @@
 #include <map>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
-#include "batch_norm.hpp"
+#include "bnorm.hpp"
 
 BNORM_BEGIN_NAMESPACE
 
@@ -44,47 +45,67 @@ struct StateTensor {
   std::function<void(const std::vector<double>&)> set;
   std::function<std::int64_t()> get_integer;
   std::function<void(std::int64_t)> set_integer;
+  std::int64_t elements() const {
+    std::int64_t n = 1;
+    for (std::int64_t d : shape) n *= d;
+    return n;
+  }
 };
 
 [[noreturn]] inline void safetensors_fail(const std::string& what) {
   throw std::invalid_argument("bnorm: safetensors: " + what);
 }
 
+template <class M, class = void>
+struct HasRunningStats : std::false_type {};
+template <class M>
+struct HasRunningStats<M, std::void_t<decltype(std::declval<M&>().running_mean())>>
+    : std::true_type {};
+
+template <class M, class = void>
+struct HasNormalizedShape : std::false_type {};
+template <class M>
+struct HasNormalizedShape<M, std::void_t<decltype(std::declval<const M&>().normalized_shape())>>
+    : std::true_type {};
+
 }  // namespace detail
 
 /// A module under a prefix: what save_safetensors writes and load_safetensors reads. Keys are
-/// PyTorch's state_dict names under the prefix ("prefix.weight"; an empty prefix: "weight").
+/// PyTorch's state_dict names under the prefix ("prefix.weight"; an empty prefix: "weight"):
+/// weight and bias where the module has them (LayerNorm's and RMSNorm's in normalized_shape),
+/// and running_mean, running_var and num_batches_tracked where it tracks running statistics.
 class NamedModule {
  public:
-  template <class Scalar, int MinRank, int MaxRank>
-  NamedModule(std::string prefix, BatchNorm<Scalar, MinRank, MaxRank>* module)
-      : prefix_(std::move(prefix)) {
-    using M = BatchNorm<Scalar, MinRank, MaxRank>;
+  template <class M>
+  NamedModule(std::string prefix, M* module) : prefix_(std::move(prefix)) {
+    using Vector = typename M::Vector;
+    using Scalar = typename Vector::Scalar;
     if (module == nullptr) detail::safetensors_fail("module '" + prefix_ + "' is a null pointer");
-    const Index C = module->num_features();
-    auto add = [&](const char* name, typename M::Vector& (M::*access)()) {
+    auto add = [&](const char* name, Vector& (*access)(M&), std::vector<std::int64_t> shape) {
+      if (access(*module).size() == 0) return;  // the module has no such tensor
       detail::StateTensor t;
       t.name = name;
-      t.shape = {std::int64_t(C)};
+      t.shape = std::move(shape);
       t.float_bytes = sizeof(Scalar);
       t.get = [module, access] {
-        const auto& v = (module->*access)();
+        const Vector& v = access(*module);
         return std::vector<double>(v.data(), v.data() + v.size());
       };
-      t.set = [module, access, C](const std::vector<double>& values) {
-        auto& v = (module->*access)();
-        v.resize(C);
-        for (Index c = 0; c < C; ++c) v(c) = Scalar(values[std::size_t(c)]);
+      t.set = [module, access](const std::vector<double>& values) {
+        Vector& v = access(*module);
+        v.resize(Index(values.size()));
+        for (Index i = 0; i < v.size(); ++i) v(i) = Scalar(values[std::size_t(i)]);
       };
       tensors_.push_back(std::move(t));
     };
-    if (module->options().affine) {
-      add("weight", &M::weight);
-      add("bias", &M::bias);
-    }
-    if (module->options().track_running_stats) {
-      add("running_mean", &M::running_mean);
-      add("running_var", &M::running_var);
+    const std::vector<std::int64_t> parameter_shape = parameter_shape_of(*module);
+    add("weight", [](M& m) -> Vector& { return m.weight(); }, parameter_shape);
+    add("bias", [](M& m) -> Vector& { return m.bias(); }, parameter_shape);
+    if constexpr (detail::HasRunningStats<M>::value) {
+      if (module->running_mean().size() == 0) return;
+      const std::vector<std::int64_t> channels{std::int64_t(module->running_mean().size())};
+      add("running_mean", [](M& m) -> Vector& { return m.running_mean(); }, channels);
+      add("running_var", [](M& m) -> Vector& { return m.running_var(); }, channels);
       detail::StateTensor t;
       t.name = "num_batches_tracked";
       t.integer = true;
@@ -101,6 +122,17 @@ class NamedModule {
   }
 
  private:
+  /// The weight's and bias's shape: normalized_shape where the module has one, else one value
+  /// per channel.
+  template <class M>
+  static std::vector<std::int64_t> parameter_shape_of(const M& m) {
+    if constexpr (detail::HasNormalizedShape<M>::value) {
+      return {m.normalized_shape().begin(), m.normalized_shape().end()};
+    } else {
+      return {std::int64_t(std::max(m.weight().size(), m.bias().size()))};
+    }
+  }
+
   std::string prefix_;
   std::vector<detail::StateTensor> tensors_;
 };
@@ -277,7 +309,7 @@ inline void load_modules(const File& f, const std::vector<NamedModule>& modules,
         if (e.dtype != "F64" && e.dtype != "F32" && e.dtype != "F16" && e.dtype != "BF16")
           fail("expected dtype F64, F32, F16 or BF16, got " + e.dtype);
         const std::size_t size = dtype_bytes(e.dtype);
-        s.values.resize(std::size_t(t.shape[0]));
+        s.values.resize(std::size_t(t.elements()));
         for (std::size_t i = 0; i < s.values.size(); ++i)
           s.values[i] = decode_float(e.dtype, f.at(e) + i * size);
       }
@@ -306,10 +338,10 @@ inline std::string save_modules(const std::vector<NamedModule>& modules) {
         store_le(std::uint64_t(t.get_integer()), 8, data);
       } else {
         const std::vector<double> values = t.get();
-        if (std::int64_t(values.size()) != t.shape[0])
+        if (std::int64_t(values.size()) != t.elements())
           safetensors_fail("module '" + m.prefix() + "': " + t.name + " has " +
                            std::to_string(values.size()) + " values, expected " +
-                           std::to_string(t.shape[0]));
+                           std::to_string(t.elements()));
         dtype = t.float_bytes == 8 ? "F64" : "F32";
         for (double v : values) {
           if (t.float_bytes == 8) {

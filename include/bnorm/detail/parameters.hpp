@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <functional>
 #include <optional>
+#include <stdexcept>
 #include <string>
 
 #include "eigen.hpp"
@@ -102,8 +103,9 @@ struct RunningStats {
   }
 };
 
-/// The running statistics' public accessors, for the modules that keep them.
-template <class Scalar>
+/// The running statistics' public accessors, for the modules that keep them (Derived names
+/// itself in errors).
+template <class Derived, class Scalar>
 class WithRunningStats {
  public:
   Eigen::Tensor<Scalar, 1>& running_mean() { return running_.mean; }
@@ -111,6 +113,13 @@ class WithRunningStats {
   Eigen::Tensor<Scalar, 1>& running_var() { return running_.var; }
   const Eigen::Tensor<Scalar, 1>& running_var() const { return running_.var; }
   std::int64_t num_batches_tracked() const { return running_.num_batches_tracked; }
+  /// Sets the count of training forwards (as loading a state does). Must be >= 0.
+  void set_num_batches_tracked(std::int64_t n) {
+    if (n < 0)
+      throw std::invalid_argument("bnorm::" + Derived::name() +
+                                  ": expected num_batches_tracked >= 0, got " + std::to_string(n));
+    running_.num_batches_tracked = n;
+  }
   void reset_running_stats() { running_.reset(); }
 
  protected:
