@@ -24,7 +24,7 @@ struct Tuning {
   Index l2_bytes = Index{1} << 20;
   /// The last-level cache as the system reports it, and the number of logical CPUs it says share
   /// it. Linux's figures come first: a hypervisor may report another through CPUID, which Eigen
-  /// reads (on an AMD EPYC VM, 320 MiB for a cache of 32 MiB).
+  /// reads (a VM may be told of a whole host's cache).
   Index last_level_cache_bytes = 0;
   Index last_level_cpus = 1;
   /// Outputs at least this large may be written with non-temporal stores: they would not stay in

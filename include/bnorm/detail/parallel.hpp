@@ -36,11 +36,8 @@ inline void spin_pause() {
 /// How long the calling thread, its own range done, polls for the workers to finish theirs
 /// before it blocks. The ranges are even, so the workers are seldom far behind, and a thread that
 /// blocks pays a wake-up when they finish, and its workers, idle meanwhile, may fall asleep before
-/// the next call hands them work. (On the AMD EPYC VM, 2 threads, medians of 7 runs of two builds
-/// in turn, time with polling / without: channels-first training 0.65x on 32 x 512 x 7 x 7,
-/// 0.81x on 32 x 1024 x 3 x 3, 0.91x on 32 x 128 x 28 x 28; 4096 x 1024 training 0.90x,
-/// backward 0.94x; channels-last 32 x 1024 x 3 x 3 backward 0.67x.) OpenMP runtimes poll for
-/// far longer by default.
+/// the next call hands them work (docs/design.md, "Measurements behind the constants"). OpenMP
+/// runtimes poll for far longer by default.
 inline constexpr std::chrono::microseconds kPollFor{200};
 
 /// Calls fn(worker, begin, end) on contiguous ranges that cover [0, count): one range per worker,

@@ -40,16 +40,9 @@ void split_in(Index first, Index count, Fn& fn) {
 /// that read two inputs (backward), walk kTableParts parts instead of kFarParts. Such a table
 /// does not stay in L1 beside the rows streaming through it (four coefficients of 1024 channels
 /// take 16 KiB of a 32 KiB L1), so its packets come from L2, and each of them serves one run per
-/// part. (On the AMD EPYC VM, channels-last backward's elementwise pass alone, bnorm / memcpy,
-/// over 12.8 MB: 2.1-2.4 with two parts on 1024 and 2048 channels against 1.4-1.7 on 512, where
-/// the table fits, and 1.35 with the table cut to 256 channels' worth, wrong results but the
-/// same streams; 1.6-2.1 with four parts, 2.0-2.1 with three. Whole backward passes, medians of
-/// 9 runs of two builds in turn, 1 thread: 32 x 1024 x 14 x 14 0.92x the time, 32 x 2048 x 7 x 7
-/// and 4096 x 1024 0.89x. Cutting the rows into pieces as wide as a table that fits was slower,
-/// 2.4-3.4: the reads of a piece's rows jump from page to page. The forward passes, one input,
-/// already run at the pace of their streamed stores: four parts made their pass alone 1.0-1.4x
-/// slower, mostly 1.2-1.35x; in cache, where more runs only add streams, so did four parts on
-/// backward.)
+/// part. Cutting the rows into pieces as wide as a table that fits is slower: the reads of a
+/// piece's rows jump from page to page. The forward passes, one input, already run at the pace
+/// of their streamed stores, where more parts only add streams.
 inline constexpr int kTableParts = 4;
 inline constexpr Index kL1TableBytes = Index{8} << 10;
 
@@ -261,9 +254,7 @@ void apply_all(const Plan& p, const Geometry& g, const Streams<T, Op::kInputs>& 
       kPermutes<T> && !g.across() && g.channels % L == 0 && g.inner < kGroupPackets * L;
   if (g.across()) {
     // The table of coefficients goes between the rows modulo 4 KiB, as a sweep's tables do (see
-    // apart_from). On the AMD EPYC VM, with the table a line behind the rows' sets instead
-    // (medians of 5, 1 thread): 4096 x 1024 training took 1.35 ms against 1.11, channels-last
-    // 32 x 1024 x 3 x 3 backward 114 us against 99.
+    // apart_from).
     ws.row_coefs.resize(std::size_t(Op::kCoefs * RowCoefs<T>::stride_for(g.channels)) +
                         kPageBytes / sizeof(T));
     const T* streams[Op::kInputs + 2];

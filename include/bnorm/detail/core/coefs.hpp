@@ -99,10 +99,7 @@ struct BlendCoefs {
 /// What BlendCoefs gives, for channels of fewer than kSelectPackets packets: every packet selects
 /// its coefficients from channel c's and the next one's, lane by lane, with no branch. Where most
 /// packets straddle two channels, that costs less than BlendCoefs' bookkeeping and branches
-/// once per channel; on longer runs, the selects on every packet cost more. (A/B over 3 rounds
-/// on the AMD EPYC VM, bnorm / memcpy, 1 thread, NCHW: 128 x 256 x 25 inference 2.08 -> 1.47,
-/// training 3.32 -> 3.17, backward 4.31 -> 4.41; with selects on every short run, 7 x 7 images
-/// trained at 2.46 -> 2.93 and 64 x 128 x 100 at 1.84 -> 2.51.) GroupCoefs, faster still, takes
+/// once per channel; on longer runs, the selects on every packet cost more. GroupCoefs, faster still, takes
 /// its place where the target permutes in one instruction and the channels fill whole packets.
 inline constexpr Index kSelectPackets = 3;
 template <class T, int kCoefs>
@@ -142,13 +139,8 @@ struct SelectCoefs {
 /// from those with a permute, by its place in the group (lane l of the group's packet t belongs
 /// to its channel index[t * kLanes + l] = (t * kLanes + l) / inner). No bookkeeping per channel
 /// (BlendCoefs) nor selects per packet (SelectCoefs): where the target permutes in one
-/// instruction, this is the fastest of the three on runs of fewer than kGroupPackets packets.
-/// (A/B on the AMD EPYC VM with AVX-512, bnorm / memcpy, NCHW, 1 thread, against SelectCoefs on
-/// 128 x 256 x 25: inference 1.47 -> 1.07, training 3.00 -> 2.27, backward 4.04 -> 3.56; against
-/// BlendCoefs on 512 x 7 x 7: inference 1.31 -> 1.09, training 2.39 -> 2.28, backward 3.56 ->
-/// 3.38; on 64 x 128 x 100, 6 packets a channel, it was slower: training 1.75 -> 1.96. Against
-/// RowCoefs' tables, by chunks of channels, on runs shorter than a packet, 32 x 1024 x 3 x 3:
-/// inference 2.04 -> 1.32, training 4.26 -> 3.59, backward 6.17 -> 5.18.)
+/// instruction, this is the fastest of the three on runs of fewer than kGroupPackets packets,
+/// and faster than RowCoefs' tables on runs shorter than a packet.
 /// A run must start at a row's start, with no packet cut short before it (kCutsFirstPacket).
 inline constexpr Index kGroupPackets = 4;
 template <class T, int kCoefs>

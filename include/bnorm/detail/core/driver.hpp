@@ -45,9 +45,7 @@ void inverse_std(const V* var, Index n, double eps, double* invstd) {
 /// whole channels and does all three steps on a group of them at a time, so the elementwise pass
 /// reads the group back from cache. Otherwise the steps run one after the other, each split over
 /// all workers: shorter runs are read a whole row at a time, which groups would cut into short
-/// pieces (1.2-1.4x slower on 7 x 7 images; on the AMD EPYC VM, groups small enough for L2 were
-/// slower still on 7 x 7 and 14 x 14 images, whose elementwise pass waits on its stores, not on
-/// its loads). Either way, every block is reduced by the same code and merged in the same order:
+/// pieces, slower where the elementwise pass waits on its stores, not on its loads. Either way, every block is reduced by the same code and merged in the same order:
 /// the results do not depend on the split.
 template <class Op, class Step, class T, class Merge, class Finish>
 void reduce_then_apply(const Geometry& whole, const T* const* reduce_in, const double* centers,
@@ -157,11 +155,8 @@ void reduce_then_apply(const Geometry& whole, const T* const* reduce_in, const d
       constexpr bool kStream = decltype(streaming)::value;
       parallel_workers(device, C / granule, [&](Index worker, Index u0, Index u1) {
         const Index c0 = u0 * granule, c1 = u1 * granule;
-        // A group is reduced whole, then applied. (Reducing the next group while applying this
-        // one, a row in proportion at a time, took 1.02-1.13x as long: on the AMD EPYC VM,
-        // medians of 7 runs of two builds in turn, 1 thread, 32 x 64 x 112 x 112 backward 1.13x,
-        // 32 x 256 x 56 x 56 training 1.08x, backward 1.03x; in pieces of 1024 to 4096 values of
-        // a run, 1.09-1.32x.) The reduction walks a group's blocks row by row and, within a row,
+        // A group is reduced whole, then applied (interleaving the next group's reduction with
+        // this one's pass was slower). The reduction walks a group's blocks row by row and, within a row,
         // channel by channel: in memory order, since the channels of a row lie one after the
         // other (in row order, see row_sums, or run by run).
         for (Index gc0 = c0; gc0 < c1; gc0 += group) {

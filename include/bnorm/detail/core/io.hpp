@@ -50,8 +50,8 @@ inline void prefetch_ahead(const T* p, Index ahead, Index bytes) {
 /// every run starts in another page, where the hardware prefetcher does not follow. The
 /// reductions ask for the run kRunsAhead ahead themselves. Longer runs are asked for
 /// kReadAhead bytes ahead of where they are read, and the next run's first bytes when a run
-/// starts: one core reads main memory up to 1.4x faster this way than with the hardware
-/// prefetcher alone.
+/// starts: one core reads main memory faster this way than with the hardware prefetcher alone
+/// (docs/design.md, "Measurements behind the constants").
 inline constexpr Index kRunsAhead = 4;
 inline constexpr Index kShortRunBytes = 2048;
 inline constexpr Index kReadAhead = 2048;
@@ -70,17 +70,13 @@ inline constexpr std::uintptr_t kPageBytes = 4096;
 
 /// A load that follows a store to an address equal in its low 12 bits (4K aliasing) waits for
 /// that store. Walking forward, where an output lies a little past an input modulo 4 KiB (up to
-/// kAliasBytes), every load would follow a store it matches by a packet or two: on the AMD EPYC
-/// VM, an output 64 bytes past its input took 1.6-2.3x as long to stream (inference on 12.8 MB
-/// tensors) and 1.1-1.4x as long to train or run backward. Tensors allocated one after another
-/// lie so (a heap's chunks are a header apart). Such runs load each packet kAheadPackets packets
+/// kAliasBytes), every load would follow a store it matches by a packet or two, and wait for it.
+/// Tensors allocated one after another lie so (a heap's chunks are a header apart). Such runs load each packet kAheadPackets packets
 /// before it is used, so that every load comes before the stores it matches; their loads then
 /// follow the stores kAheadPackets + 1 packets before them, which is where runs walked this way
 /// are slow and runs walked the plain way are not. This is done for the forward passes (one
 /// input), one run at a time. Backward, with two inputs, lost less to aliasing and gained
-/// nothing that held from loading ahead: 8 packets ahead, one run at a time, it was faster on
-/// some shapes and slower on others (channels-last 32 x 2048 x 7 x 7, 3.9 -> 4.5x a memcpy);
-/// 16 packets ahead, two runs side by side, it was slower.
+/// nothing that held from loading ahead (docs/design.md, "Measurements behind the constants").
 inline constexpr std::uintptr_t kAliasBytes = 192;
 inline constexpr int kAheadPackets = 4;
 template <class T>

@@ -25,8 +25,7 @@ namespace detail {
 inline constexpr Index kShortRun = 256;
 /// Short ALONG runs are swept a piece of channels at a time, about this many positions wide: the
 /// accumulators the sweep reads and writes with every row (three values of T per position on
-/// rows this wide, see kWideRow: 12 KiB of floats) then stay in L1. (512 to 4096 measured alike
-/// on 7 x 7 and 14 x 14 images.)
+/// rows this wide, see kWideRow: 12 KiB of floats) then stay in L1.
 inline constexpr Index kSweepWidth = 1024;
 
 struct Geometry {

@@ -20,11 +20,9 @@ namespace detail {
 /// each lane (up to 1024 floats with AVX-512), are reduced in memory order: row after row and,
 /// within a row, channel after channel, each channel's run into packets of its own. Short runs
 /// were swept instead, with a table of accumulators per position that goes through L1 with
-/// every row (models of the two read 14 x 14 images at 1.6x and 1.1x the time of a plain read of
-/// the same bytes; on 32 x 1024 x 14 x 14, forward training went from 2.1x to 1.2x a memcpy).
-/// Longer runs, up to that limit, were read run by run in groups of channels (see
-/// reduce_then_apply); in row order, 32 x 512 x 28 x 28 backward went from 2.1-2.5x to 1.5-1.8x
-/// a memcpy (two A/B runs).
+/// every row; longer runs, up to that limit, were read run by run in groups of channels (see
+/// reduce_then_apply). Memory order is faster than both (docs/design.md, "Measurements behind
+/// the constants").
 template <class T>
 bool in_row_order(const Geometry& g) {
   return !g.across() && g.inner >= kLanes<T> && (g.inner + kLanes<T> - 1) / kLanes<T> <= kTermsInT;
@@ -46,9 +44,7 @@ Index row_sums_size(Index C) {
 /// positions, channel c centered on near[c] (at room + 2 * kLanes<T> * C), into out[c]. Four rows
 /// go side by side (then two, then one, at the end of a flush), each into sums of its own: more
 /// loads in flight per channel than two rows give, for the same loads and stores of its sums.
-/// (Four rather than two, on the AMD EPYC VM, medians of 7 runs of two builds in turn, 1 thread:
-/// 0.92-0.95x the time on 128 x 256 x 25 channels-first, 0.97-1.01x on 32 x 512 x 7 x 7,
-/// 32 x 1024 x 14 x 14 and 64 x 128 x 100.) A channel's sums in T add up `flush` rows, at most
+/// A channel's sums in T add up `flush` rows, at most
 /// kTermsInT values per lane, before they are added lane by lane to its sums in double (at
 /// wide), whose lanes are added up at the end. A channel whose sums are not finite is summed
 /// again in double on its own.

@@ -54,10 +54,9 @@ Index sweep_values_size(Index width) {
 /// coefficients): as far as it can from the rows modulo 4 KiB. The rows' lines of a position
 /// fall in a few L1 sets, the same for every row where rows lie a multiple of 4 KiB apart (rows
 /// of 1024 or 2048 floats, or of 9 x 1024); the tables' lines of that position, in one of
-/// those sets or next to it, evicted lines of rows ahead of the sweep. On the AMD EPYC VM,
-/// 32 x 1024 x 3 x 3 channels-first backward took 190-213 us with the tables up to 128 bytes
-/// from the rows modulo 4 KiB, 135-163 us at 128-256 bytes, 109-122 us from 512 bytes to half a
-/// page; the training forward, 114-125 us against 76-79 us. Rows modulo 4 KiB lie on a lattice
+/// those sets or next to it, evicted lines of rows ahead of the sweep, which then took up to
+/// twice as long (docs/design.md, "Measurements behind the constants"). Rows modulo 4 KiB lie on
+/// a lattice
 /// with the period gcd(pitch bytes, 4 KiB), shifted by each input's start: the tables go to the
 /// middle of the widest gap between the inputs' lattices, on a cache line.
 template <int kInputs, class T>
@@ -81,11 +80,9 @@ Index sweep_sums_size(Index width) {
 }
 
 /// Rows of at least this many packets are swept into one set of accumulators, narrower ones into
-/// two in turn. With one set, having half the accumulators to load and store, a sweep over 128
-/// rows of 256 or 1024 channels (in L2) took 0.8-0.95 of the time of two, and over 32 rows of
-/// 113 x 9 positions 0.6-0.8; but on narrow rows it was slower (channels-last training on
-/// 32 x 64 x 56 x 56, from main memory, took 1.3x as long), where a position's additions, which
-/// chain from one group of rows to the next, have few other positions' to overlap with.
+/// two in turn. One set has half the accumulators to load and store, which is faster on wide
+/// rows; on narrow rows it is slower, since a position's additions, which chain from one group
+/// of rows to the next, have few other positions' to overlap with.
 inline constexpr Index kWideRow = 16;
 
 /// The sets of accumulators for a sweep of rows of `row_width` positions: decided by the whole

@@ -179,7 +179,7 @@ inline constexpr Index kColumnRows = 32;
 /// Backward cuts the rows into at most kRowBlocks blocks of at least kRowsPerBlock rows (where
 /// there are that many), fixed by the shape alone, whose weight and bias gradients are summed
 /// separately and merged in block order: the same result for any number of workers, up to
-/// kRowBlocks of them. (In cache, 128 x 768 took 1.4x as long in blocks of two rows.)
+/// kRowBlocks of them. Blocks of a few rows would spend their time merging.
 inline constexpr Index kRowBlocks = 64;
 inline constexpr Index kRowsPerBlock = 8;
 
