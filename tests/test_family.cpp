@@ -296,3 +296,29 @@ TEST_CASE("The family's results are bit-identical for any thread count", "[famil
     for (std::size_t i = 1; i < results.size(); ++i) CHECK(testing::same_bits(results[0], results[i]));
   }
 }
+
+TEST_CASE("An empty batch gives the family's parameters zero gradients", "[family]") {
+  for (const Layout layout : {Layout::ChannelsFirst, Layout::ChannelsLast}) {
+    for (const fn::Shape shape : {fn::Shape{0, 6, 5, layout}, fn::Shape{3, 6, 0, layout}}) {
+      INFO("batch " << shape.batch << ", spatial " << shape.spatial);
+      auto gw = testing::poisoned<float>(6), gb = gw;
+      fn::group_norm_backward<float>(shape, 3, nullptr, nullptr, nullptr, nullptr, nullptr,
+                                     nullptr, gw.data(), gb.data());
+      CHECK(gw == std::vector<float>(6, 0.0f));
+      CHECK(gb == std::vector<float>(6, 0.0f));
+      gw = gb = testing::poisoned<float>(6);
+      fn::instance_norm_backward<float>(shape, nullptr, nullptr, nullptr, nullptr, nullptr,
+                                        nullptr, gw.data(), gb.data());
+      CHECK(gw == std::vector<float>(6, 0.0f));
+      CHECK(gb == std::vector<float>(6, 0.0f));
+    }
+  }
+  auto gw = testing::poisoned<double>(7), gb = gw;
+  fn::layer_norm_backward<double>(0, 7, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+                                  gw.data(), gb.data());
+  CHECK(gw == std::vector<double>(7, 0.0));
+  CHECK(gb == std::vector<double>(7, 0.0));
+  gw = testing::poisoned<double>(7);
+  fn::rms_norm_backward<double>(0, 7, nullptr, nullptr, nullptr, nullptr, nullptr, gw.data());
+  CHECK(gw == std::vector<double>(7, 0.0));
+}

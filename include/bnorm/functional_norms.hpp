@@ -131,11 +131,13 @@ void group_norm_backward(const Shape& shape, Index groups, const T* dy, const T*
   using namespace bnorm::detail;
   check_groups(shape, groups);
   const Index C = shape.channels, k = C / groups;
-  for (Index c = 0; c < C; ++c) {
-    if (grad_weight) grad_weight[c] = T(0);
-    if (grad_bias) grad_bias[c] = T(0);
+  if (shape.size() == 0) {  // no terms: the parameters' gradients are zero
+    for (Index c = 0; c < C; ++c) {
+      if (grad_weight) grad_weight[c] = T(0);
+      if (grad_bias) grad_bias[c] = T(0);
+    }
+    return;
   }
-  if (shape.size() == 0) return;
   check_pointer(dy, "dy");
   check_pointer(x, "x");
   check_pointer(dx, "dx");
@@ -233,9 +235,10 @@ void group_norm_backward(const Shape& shape, Index groups, const T* dy, const T*
                          const T* mean, const T* invstd, const T* weight, T* grad_weight,
                          T* grad_bias, const Execution<T>& ex = {}) {
   detail::check_groups(shape, groups);
-  detail::check_pointer(mean, "mean");
+  const bool empty = shape.size() == 0;  // then no pointer but the gradients' is read
+  if (!empty) detail::check_pointer(mean, "mean");
   auto& means = detail::workspace(ex).group_stats;  // group_norm_backward does not use it
-  means.assign(mean, mean + std::max<Index>(shape.batch, 0) * groups);
+  means.assign(mean, mean + (empty ? 0 : shape.batch * groups));
   detail::group_norm_backward(shape, groups, dy, x, dx, means.data(), invstd, weight,
                               grad_weight, grad_bias, ex);
 }
