@@ -637,3 +637,117 @@ TEST_CASE("matrices: no copy, in place through a Map, and clear errors", "[modul
   CHECK(testing::same_bits(std::vector<float>(yr.data(), yr.data() + yr.size()),
                            std::vector<float>(yrt.data(), yrt.data() + yrt.size())));
 }
+
+// --- Ghost Batch Normalization ------------------------------------------------------------------
+
+TEMPLATE_TEST_CASE("virtual_batch_size normalizes each chunk of samples as BatchNorm would alone",
+                   "[module][ghost]", float, double) {
+  using T = TestType;
+  for (Layout layout : {Layout::ChannelsFirst, Layout::ChannelsLast}) {
+    for (auto variance : {bnorm::RunningVariance::Unbiased, bnorm::RunningVariance::Biased}) {
+      for (int workers : {0, 3}) {
+        INFO((layout == Layout::ChannelsLast ? "ChannelsLast" : "ChannelsFirst")
+             << ", workers " << workers);
+        const Index N = 7, V = 3, C = 5, H = 2, W = 3, S = H * W;
+        bnorm::Options o;
+        o.layout = layout;
+        o.virtual_batch_size = V;
+        o.running_variance = variance;
+        bnorm::BatchNorm2d<T> bn(C, o);
+        const auto w = testing::random_vector<T>(C, 0.5, 2), b = testing::random_vector<T>(C, -1, 1);
+        bnorm::Options chunk_options = o;
+        chunk_options.track_running_stats = false;
+        reference::Module ref(C, chunk_options);  // its gradients add up over the chunks
+        for (Index c = 0; c < C; ++c) {
+          bn.weight()(c) = w[std::size_t(c)];
+          bn.bias()(c) = b[std::size_t(c)];
+          ref.weight[std::size_t(c)] = w[std::size_t(c)];
+          ref.bias[std::size_t(c)] = b[std::size_t(c)];
+        }
+        const reference::Shape sh{N, C, S, layout};
+        const auto x = testing::random_input<T>(sh), dy = testing::random_input<T>(sh, 1.0);
+        const std::array<Index, 4> dims = layout == Layout::ChannelsLast
+                                              ? std::array<Index, 4>{N, H, W, C}
+                                              : std::array<Index, 4>{N, C, H, W};
+        Eigen::TensorMap<const Eigen::Tensor<T, 4, Eigen::RowMajor>> xm(x.data(), dims);
+        Eigen::TensorMap<const Eigen::Tensor<T, 4, Eigen::RowMajor>> dym(dy.data(), dims);
+        testing::Pool pool(workers);
+        Eigen::Tensor<T, 4, Eigen::RowMajor> y, dx;
+        y = workers ? bn.forward(xm, *pool.device) : bn.forward(xm);
+        dx = workers ? bn.backward(dym, *pool.device) : bn.backward(dym);
+
+        std::vector<double> mean_sum(C, 0.0), var_sum(C, 0.0);
+        const Index chunks = (N + V - 1) / V;
+        for (Index k = 0; k < chunks; ++k) {
+          INFO("chunk " << k);
+          const Index n = std::min(V, N - k * V), begin = k * V * C * S, end = begin + n * C * S;
+          const reference::Shape part{n, C, S, layout};
+          const std::vector<T> xk(x.begin() + begin, x.begin() + end),
+              dyk(dy.begin() + begin, dy.begin() + end);
+          const auto expected = ref.step(part, xk, dyk);
+          testing::check_close(std::vector<T>(y.data() + begin, y.data() + end), expected.y, "y");
+          testing::check_close(std::vector<T>(dx.data() + begin, dx.data() + end), expected.dx,
+                               "dx");
+          const auto st = reference::batch_stats(part, xk);
+          const double count = double(n * S);
+          for (Index c = 0; c < C; ++c) {
+            mean_sum[std::size_t(c)] += st.mean[std::size_t(c)];
+            var_sum[std::size_t(c)] +=
+                st.var[std::size_t(c)] *
+                (variance == bnorm::RunningVariance::Unbiased ? count / (count - 1) : 1.0);
+          }
+        }
+        testing::check_sum_close(raw(bn.grad_weight()), ref.grad_weight, ref.grad_weight_terms,
+                                 "grad_weight");
+        testing::check_sum_close(raw(bn.grad_bias()), ref.grad_bias, ref.grad_bias_terms,
+                                 "grad_bias");
+        std::vector<double> running_mean(C), running_var(C);
+        for (Index c = 0; c < C; ++c) {  // once per forward: momentum 0.1 toward the chunks' mean
+          running_mean[std::size_t(c)] = 0.1 * mean_sum[std::size_t(c)] / double(chunks);
+          running_var[std::size_t(c)] = 0.9 + 0.1 * var_sum[std::size_t(c)] / double(chunks);
+        }
+        testing::check_close(raw(bn.running_mean()), running_mean, "running_mean");
+        testing::check_close(raw(bn.running_var()), running_var, "running_var");
+        CHECK(bn.num_batches_tracked() == 1);
+
+        // Eval is plain BatchNorm's.
+        bnorm::Options plain_options = o;
+        plain_options.virtual_batch_size = 0;
+        bnorm::BatchNorm2d<T> plain(C, plain_options);
+        plain.weight() = bn.weight();
+        plain.bias() = bn.bias();
+        plain.running_mean() = bn.running_mean();
+        plain.running_var() = bn.running_var();
+        bn.eval();
+        plain.eval();
+        const Eigen::Tensor<T, 4, Eigen::RowMajor> ye = bn.forward(xm), ype = plain.forward(xm);
+        CHECK(testing::same_bits(std::vector<T>(ye.data(), ye.data() + ye.size()),
+                                 std::vector<T>(ype.data(), ype.data() + ype.size())));
+      }
+    }
+  }
+}
+
+TEST_CASE("virtual_batch_size: bad values and one-value chunks are errors that change nothing",
+          "[module][ghost][errors]") {
+  bnorm::Options o;
+  o.virtual_batch_size = -1;
+  CHECK_THROWS_WITH(bnorm::BatchNorm1d<float>(3, o),
+                    "bnorm::BatchNorm1d: expected virtual_batch_size >= 0 (0: off), got -1");
+  o.virtual_batch_size = 2;
+  bnorm::BatchNorm1d<float> bn(3, o);
+  Eigen::Tensor<float, 2, Eigen::RowMajor> x(7, 3), fine(8, 3);
+  x.setRandom();
+  fine.setRandom();
+  bn.forward(fine);
+  const auto mean = raw(bn.running_mean());
+  CHECK_THROWS_WITH(bn.forward(x), "bnorm::BatchNorm1d: Expected more than 1 value per channel in "
+                                   "every virtual batch of 2 samples, got input size [7, 3]");
+  CHECK(testing::same_bits(raw(bn.running_mean()), mean));
+  CHECK(bn.num_batches_tracked() == 1);
+  Eigen::MatrixXf columns = Eigen::MatrixXf::Random(8, 3);
+  CHECK_THROWS_AS(bn.forward(columns), std::invalid_argument);
+  bn.eval();  // eval normalizes the whole batch with the running statistics
+  CHECK_NOTHROW(bn.forward(x));
+  CHECK_NOTHROW(bn.forward(columns));
+}

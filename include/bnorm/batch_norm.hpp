@@ -41,6 +41,9 @@ class BatchNorm
     if (num_features < 1) fail("expected num_features >= 1, got " + std::to_string(num_features));
     Base::check_eps(options_.eps);
     Base::check_momentum(options_.momentum);
+    if (options_.virtual_batch_size < 0)
+      fail("expected virtual_batch_size >= 0 (0: off), got " +
+           std::to_string(options_.virtual_batch_size));
     params_ = detail::Parameters<Scalar>(num_features, options_.affine, options_.affine);
     running_ = detail::RunningStats<Scalar>(num_features, options_.track_running_stats);
     saved_mean_.resize(std::size_t(num_features));
@@ -88,13 +91,28 @@ class BatchNorm
     if (batch_stats && shape.per_channel() == 1)
       fail("Expected more than 1 value per channel when training, got input size " +
            detail::dims_string(d));
+    if (ghost(shape, batch_stats) && shape.size() > 0) {
+      const Index V = options_.virtual_batch_size, rest = shape.batch % V;
+      if (V * spatial == 1 || rest * spatial == 1)
+        fail("Expected more than 1 value per channel in every virtual batch of " +
+             std::to_string(V) + " samples, got input size " + detail::dims_string(d));
+    }
     return shape;
+  }
+
+  /// Whether a forward of `shape` normalizes chunks of virtual_batch_size samples (Ghost BN).
+  bool ghost(const functional::Shape& shape, bool batch_stats) const {
+    return batch_stats && this->training_ && options_.virtual_batch_size > 0 &&
+           options_.virtual_batch_size < shape.batch;
   }
 
   /// A column-major (samples, features) matrix stores each feature's values together: the
   /// channels-first geometry of one batch row whose positions are the samples.
   static constexpr bool kColumnMajorMatrices = true;
-  static functional::Shape column_major_problem(const functional::Shape& s) {
+  functional::Shape column_major_problem(const functional::Shape& s, bool batch_stats) const {
+    if (ghost(s, batch_stats))
+      fail("virtual_batch_size needs the samples' rows whole: a row-major matrix or a tensor, "
+           "not a column-major matrix");
     return {1, s.channels, s.batch * s.spatial, Layout::ChannelsFirst};
   }
 
@@ -140,6 +158,8 @@ class BatchNorm
                                             saved_invstd_.data());
       for (Index c = 0; c < num_features_; ++c)
         saved_mean_[std::size_t(c)] = double(running_.mean(c));
+    } else if (ghost(shape, batch_stats)) {
+      ghost_forward(shape, x, y, copy, ex);
     } else {
       functional::Running<Scalar> running;
       const bool update = this->training_ && options_.track_running_stats;
@@ -152,22 +172,106 @@ class BatchNorm
                                            saved_mean_.data());
       if (update) ++running_.num_batches_tracked;
     }
+    if (!ghost(shape, batch_stats)) saved_chunks_ = 1;
     saved_kind_ = batch_stats ? functional::Statistics::Batch : functional::Statistics::Frozen;
   }
 
   void backward_kernel(const functional::Shape& shape, const Scalar* dy, const Scalar* x,
                        Scalar* dx, const functional::Execution<Scalar>& ex) {
-    functional::detail::backward(shape, dy, x, dx, saved_kind_, saved_mean_.data(),
-                                 saved_invstd_.data(), params_.weight_ptr(),
-                                 params_.step_weight_ptr(), params_.step_bias_ptr(), ex);
+    if (saved_chunks_ > 1) {
+      ghost_backward(shape, dy, x, dx, ex);
+    } else {
+      functional::detail::backward(shape, dy, x, dx, saved_kind_, saved_mean_.data(),
+                                   saved_invstd_.data(), params_.weight_ptr(),
+                                   params_.step_weight_ptr(), params_.step_bias_ptr(), ex);
+    }
     params_.accumulate();
+  }
+
+  /// The samples of chunk k: [k * V, min(N, (k + 1) * V)), at k * V * C * spatial values in.
+  functional::Shape chunk(const functional::Shape& shape, Index k) const {
+    const Index V = options_.virtual_batch_size;
+    return {std::min(V, shape.batch - k * V), shape.channels, shape.spatial, shape.layout};
+  }
+
+  /// Ghost BN's training forward: each chunk normalized with its own statistics (kept for
+  /// backward, chunk by chunk), then the running statistics moved once toward the plain mean
+  /// over the chunks of their means and variances.
+  void ghost_forward(const functional::Shape& shape, const Scalar* x, Scalar* y, Scalar* copy,
+                     const functional::Execution<Scalar>& ex) {
+    const Index V = options_.virtual_batch_size, C = num_features_;
+    const Index chunks = (shape.batch + V - 1) / V, stride = V * C * shape.spatial;
+    const bool update = options_.track_running_stats;
+    saved_mean_.resize(std::size_t(chunks * C));
+    saved_invstd_.resize(std::size_t(chunks * C));
+    ghost_scratch_.assign(std::size_t(2 * C), Scalar(0));  // each chunk's mean, variance
+    std::vector<double>& sums = ghost_sums_;
+    sums.assign(std::size_t(2 * C), 0.0);
+    const functional::Affine<Scalar> affine{params_.weight_ptr(), params_.bias_ptr()};
+    for (Index k = 0; k < chunks; ++k) {
+      const Index off = k * stride;
+      // Momentum 1: the chunk's own variance (unbiased unless Biased), rounded to Scalar.
+      const functional::Running<Scalar> own{nullptr, ghost_scratch_.data() + C, 1.0,
+                                            options_.running_variance ==
+                                                RunningVariance::Unbiased};
+      functional::detail::forward_training(chunk(shape, k), x + off, y + off, options_.eps, affine,
+                                           {nullptr, saved_invstd_.data() + k * C},
+                                           update ? own : functional::Running<Scalar>{}, ex,
+                                           copy ? copy + off : nullptr,
+                                           saved_mean_.data() + k * C);
+      for (Index c = 0; c < C; ++c) {
+        sums[std::size_t(c)] += saved_mean_[std::size_t(k * C + c)];
+        sums[std::size_t(C + c)] += double(ghost_scratch_[std::size_t(C + c)]);
+      }
+    }
+    saved_chunks_ = chunks;
+    if (!update) return;
+    const double m = running_.momentum_for(options_.momentum);
+    for (Index c = 0; c < C; ++c) {
+      running_.mean(c) = Scalar((1 - m) * double(running_.mean(c)) +
+                                m * sums[std::size_t(c)] / double(chunks));
+      running_.var(c) = Scalar((1 - m) * double(running_.var(c)) +
+                               m * sums[std::size_t(C + c)] / double(chunks));
+    }
+    ++running_.num_batches_tracked;
+  }
+
+  /// Ghost BN's backward: chunk by chunk with the chunk's statistics; the parameters' gradients
+  /// summed over the chunks in order.
+  void ghost_backward(const functional::Shape& shape, const Scalar* dy, const Scalar* x,
+                      Scalar* dx, const functional::Execution<Scalar>& ex) {
+    const Index C = num_features_, stride = options_.virtual_batch_size * C * shape.spatial;
+    Scalar* gw = params_.step_weight_ptr();
+    Scalar* gb = params_.step_bias_ptr();
+    ghost_scratch_.resize(std::size_t(2 * C));
+    ghost_sums_.assign(std::size_t(2 * C), 0.0);
+    for (Index k = 0; k < saved_chunks_; ++k) {
+      const Index off = k * stride;
+      functional::detail::backward(chunk(shape, k), dy + off, x + off, dx + off,
+                                   functional::Statistics::Batch, saved_mean_.data() + k * C,
+                                   saved_invstd_.data() + k * C, params_.weight_ptr(),
+                                   gw ? ghost_scratch_.data() : nullptr,
+                                   gb ? ghost_scratch_.data() + C : nullptr, ex);
+      for (Index c = 0; c < C; ++c) {
+        if (gw) ghost_sums_[std::size_t(c)] += double(ghost_scratch_[std::size_t(c)]);
+        if (gb) ghost_sums_[std::size_t(C + c)] += double(ghost_scratch_[std::size_t(C + c)]);
+      }
+    }
+    for (Index c = 0; c < C; ++c) {
+      if (gw) gw[c] = Scalar(ghost_sums_[std::size_t(c)]);
+      if (gb) gb[c] = Scalar(ghost_sums_[std::size_t(C + c)]);
+    }
   }
 
   Index num_features_;
   Options options_;
 
-  // What backward needs from the last forward, beside its input.
+  // What backward needs from the last forward, beside its input: its statistics, one set per
+  // chunk of Ghost BN (saved_chunks_ of them).
   functional::Statistics saved_kind_ = functional::Statistics::Batch;
+  Index saved_chunks_ = 1;
+  std::vector<Scalar> ghost_scratch_;
+  std::vector<double> ghost_sums_;
   std::vector<Scalar> saved_invstd_;
   std::vector<double> saved_mean_;  // unrounded: backward centers x on the exact batch mean
 };

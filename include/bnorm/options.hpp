@@ -1,6 +1,7 @@
 #pragma once
 // Options of the batch-norm modules: a plain aggregate with PyTorch's defaults.
 
+#include <cstddef>
 #include <optional>
 
 namespace bnorm {
@@ -39,6 +40,11 @@ struct Options {
   bool save_input = true;
   /// The batch variance the running variance averages (PyTorch: Unbiased).
   RunningVariance running_variance = RunningVariance::Unbiased;
+  /// Ghost Batch Normalization: in training, consecutive chunks of this many samples (the last
+  /// may be smaller) are each normalized with their own statistics; the running statistics move
+  /// once per forward, toward the plain mean over the chunks of their means and variances.
+  /// 0: off. Must be >= 0.
+  std::ptrdiff_t virtual_batch_size = 0;
 };
 
 /// Keras's BatchNormalization defaults: epsilon 1e-3, momentum 0.99 of the OLD value (0.01 of

@@ -224,7 +224,7 @@ class Module {
 
   /// Whether the module takes column-major matrices, and their Problem (Derived may hide both).
   static constexpr bool kColumnMajorMatrices = false;
-  static Problem column_major_problem(const Problem& p) { return p; }
+  static Problem column_major_problem(const Problem& p, bool) { return p; }
 
   bool training_ = true;
   functional::Workspace<Scalar> workspace_;
@@ -285,7 +285,7 @@ class Module {
            dims_string(ArgTraits<Y>::dims(y)));
     if constexpr (ArgTraits<X>::is_matrix) check_contiguous(x, "x");
     if constexpr (ArgTraits<Y>::is_matrix) check_contiguous(y, "y");
-    if constexpr (column_major<X>()) p = Derived::column_major_problem(p);
+    if constexpr (column_major<X>()) p = self().column_major_problem(p, batch_stats);
     self().check_state();
     self().check_input(x.data(), p, dims);
     return p;
