@@ -750,4 +750,12 @@ TEST_CASE("virtual_batch_size: bad values and one-value chunks are errors that c
   bn.eval();  // eval normalizes the whole batch with the running statistics
   CHECK_NOTHROW(bn.forward(x));
   CHECK_NOTHROW(bn.forward(columns));
+  // Without running statistics, infer normalizes the whole batch with its own: no chunks.
+  bnorm::Options untracked = o;
+  untracked.track_running_stats = false;
+  bnorm::BatchNorm1d<float> batch_only(3, untracked);
+  CHECK_NOTHROW(batch_only.infer(x));
+  CHECK_NOTHROW(batch_only.infer(columns));
+  CHECK_THROWS_AS(batch_only.forward(x), std::invalid_argument);
+  CHECK_THROWS_AS(batch_only.forward(columns), std::invalid_argument);
 }

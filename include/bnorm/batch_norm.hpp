@@ -91,13 +91,18 @@ class BatchNorm
     if (batch_stats && shape.per_channel() == 1)
       fail("Expected more than 1 value per channel when training, got input size " +
            detail::dims_string(d));
-    if (ghost(shape, batch_stats) && shape.size() > 0) {
-      const Index V = options_.virtual_batch_size, rest = shape.batch % V;
-      if (V * spatial == 1 || rest * spatial == 1)
-        fail("Expected more than 1 value per channel in every virtual batch of " +
-             std::to_string(V) + " samples, got input size " + detail::dims_string(d));
-    }
     return shape;
+  }
+
+  /// A training forward's chunks (Ghost BN) need more than one value per channel each.
+  template <std::size_t R>
+  void check_forward_problem(const functional::Shape& shape, const std::array<Index, R>& d,
+                             bool batch_stats) const {
+    if (!ghost(shape, batch_stats) || shape.size() == 0) return;
+    const Index V = options_.virtual_batch_size, rest = shape.batch % V;
+    if (V * shape.spatial == 1 || rest * shape.spatial == 1)
+      fail("Expected more than 1 value per channel in every virtual batch of " +
+           std::to_string(V) + " samples, got input size " + detail::dims_string(d));
   }
 
   /// Whether a forward of `shape` normalizes chunks of virtual_batch_size samples (Ghost BN).
@@ -110,7 +115,7 @@ class BatchNorm
   /// channels-first geometry of one batch row whose positions are the samples.
   static constexpr bool kColumnMajorMatrices = true;
   functional::Shape column_major_problem(const functional::Shape& s, bool batch_stats) const {
-    if (ghost(s, batch_stats))
+    if (ghost(s, batch_stats))  // batch_stats: in a training forward
       fail("virtual_batch_size needs the samples' rows whole: a row-major matrix or a tensor, "
            "not a column-major matrix");
     return {1, s.channels, s.batch * s.spatial, Layout::ChannelsFirst};

@@ -222,7 +222,12 @@ class Module {
   template <std::size_t R>
   void check_input(const Scalar*, const Problem&, const std::array<Index, R>&) const {}
 
-  /// Whether the module takes column-major matrices, and their Problem (Derived may hide both).
+  /// Checks a forward's (not infer's) Problem further (Derived may hide it).
+  template <std::size_t R>
+  void check_forward_problem(const Problem&, const std::array<Index, R>&, bool) const {}
+
+  /// Whether the module takes column-major matrices, and their Problem, given whether a
+  /// training forward normalizes them with batch statistics (Derived may hide both).
   static constexpr bool kColumnMajorMatrices = false;
   static Problem column_major_problem(const Problem& p, bool) { return p; }
 
@@ -271,7 +276,7 @@ class Module {
 
   /// Every check of a forward: types, ranks, dims, parameter sizes and the module's own.
   template <class X, class Y>
-  Problem checked_forward(const X& x, const Y& y, bool batch_stats) const {
+  Problem checked_forward(const X& x, const Y& y, bool batch_stats, bool forward) const {
     check_type<X>();
     check_type<Y>();
     constexpr int R = ArgTraits<X>::rank;
@@ -285,7 +290,8 @@ class Module {
            dims_string(ArgTraits<Y>::dims(y)));
     if constexpr (ArgTraits<X>::is_matrix) check_contiguous(x, "x");
     if constexpr (ArgTraits<Y>::is_matrix) check_contiguous(y, "y");
-    if constexpr (column_major<X>()) p = self().column_major_problem(p, batch_stats);
+    if constexpr (column_major<X>()) p = self().column_major_problem(p, forward && batch_stats);
+    if (forward) self().check_forward_problem(p, dims, batch_stats);
     self().check_state();
     self().check_input(x.data(), p, dims);
     return p;
@@ -302,7 +308,7 @@ class Module {
   template <class X, class Y>
   void forward_impl(const X& x, Y& y, const Eigen::ThreadPoolDevice* device) {
     const bool batch_stats = self().uses_batch_stats();
-    const Problem p = checked_forward(x, y, batch_stats);
+    const Problem p = checked_forward(x, y, batch_stats, true);
     if (p.size() == 0) return;  // an empty batch: nothing to normalize, nothing learned
     // Everything that can fail has been checked; allocate before changing any state.
     const bool keep = self().keeps_input();
@@ -327,7 +333,7 @@ class Module {
   template <class X, class Y>
   void infer_impl(const X& x, Y& y, const Eigen::ThreadPoolDevice* device) const {
     const bool batch_stats = self().infer_uses_batch_stats();
-    const Problem p = checked_forward(x, y, batch_stats);
+    const Problem p = checked_forward(x, y, batch_stats, false);
     if (p.size() == 0) return;
     self().infer_kernel(p, x.data(), y.data(), device, batch_stats);
   }
