@@ -21,6 +21,17 @@ std::vector<T> raw(const Eigen::Tensor<T, 1>& t) {
   return std::vector<T>(t.data(), t.data() + t.size());
 }
 
+/// The module's accumulated gradients, running statistics and count against the reference's.
+template <class Module>
+void check_state_matches(const Module& bn, const reference::Module& ref) {
+  testing::check_sum_close(raw(bn.grad_weight()), ref.grad_weight, ref.grad_weight_terms,
+                           "grad_weight");
+  testing::check_sum_close(raw(bn.grad_bias()), ref.grad_bias, ref.grad_bias_terms, "grad_bias");
+  testing::check_close(raw(bn.running_mean()), ref.running_mean, "running_mean");
+  testing::check_close(raw(bn.running_var()), ref.running_var, "running_var");
+  CHECK(bn.num_batches_tracked() == ref.num_batches_tracked);
+}
+
 /// Runs a sequence of steps on a module and on the reference, comparing everything after each.
 template <class Module, int Rank>
 void compare_sequence(const std::array<Index, Rank>& dims, const bnorm::Options& opt,
@@ -69,12 +80,7 @@ void compare_sequence(const std::array<Index, Rank>& dims, const bnorm::Options&
     CHECK(y.dimensions() == xm.dimensions());
     testing::check_close(std::vector<T>(y.data(), y.data() + y.size()), expected.y, "y");
     testing::check_close(std::vector<T>(dx.data(), dx.data() + dx.size()), expected.dx, "dx");
-    testing::check_sum_close(raw(bn.grad_weight()), ref.grad_weight, ref.grad_weight_terms,
-                             "grad_weight");
-    testing::check_sum_close(raw(bn.grad_bias()), ref.grad_bias, ref.grad_bias_terms, "grad_bias");
-    testing::check_close(raw(bn.running_mean()), ref.running_mean, "running_mean");
-    testing::check_close(raw(bn.running_var()), ref.running_var, "running_var");
-    CHECK(bn.num_batches_tracked() == ref.num_batches_tracked);
+    check_state_matches(bn, ref);
     CHECK(bn.is_training() == training);
   }
 }
@@ -552,10 +558,7 @@ void compare_matrix_sequence(Index rows, Index cols, const bnorm::Options& opt, 
     }
     testing::check_close(row_major_values(y), expected.y, "y");
     testing::check_close(row_major_values(dx), expected.dx, "dx");
-    testing::check_sum_close(raw(bn.grad_weight()), ref.grad_weight, ref.grad_weight_terms,
-                             "grad_weight");
-    testing::check_close(raw(bn.running_mean()), ref.running_mean, "running_mean");
-    testing::check_close(raw(bn.running_var()), ref.running_var, "running_var");
+    check_state_matches(bn, ref);
     // infer returns a matrix of the input's type, normalized as eval mode does.
     const MatrixOf<T, Order> inferred = bn.infer(xm);
     bnorm::BatchNorm1d<T> copy = bn;
