@@ -60,6 +60,13 @@ long count(F&& f, int steps = 20) {
   return allocations.load() - before;
 }
 
+/// One process alone: SyncBatchNorm's exchanges, with nothing to exchange with.
+struct Solo : bnorm::Communicator {
+  void allreduce_sum(double*, std::ptrdiff_t) override {}
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+};
+
 int check(const std::string& what, long n) {
   std::printf("%-60s %ld allocations\n", what.c_str(), n);
   return n == 0 ? 0 : 1;
@@ -126,6 +133,15 @@ int main() {
       failures += check(name + ": " + what + " infer, 2 threads",
                         count([&] { m.infer(x, ym, device); }));
     };
+    Solo solo;
+    bnorm::Options sync_opt;
+    sync_opt.layout = layout;
+    bnorm::SyncBatchNorm2d<float> sync(16, sync_opt, solo);
+    failures += check(name + ": SyncBatchNorm2d training forward + backward, 2 threads",
+                      count([&] {
+                        sync.forward(x, ym, device);
+                        sync.backward(x, dxm, device);
+                      }));
     family(gn, "GroupNorm");
     family(in, "InstanceNorm2d");
     family(ln, "LayerNorm");

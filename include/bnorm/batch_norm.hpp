@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "detail/batch_sync.hpp"
 #include "detail/isa.hpp"
 #include "detail/module.hpp"
 #include "detail/parameters.hpp"
@@ -62,6 +63,22 @@ class BatchNorm
   /// "BatchNorm1d", "BatchNorm2d" or "BatchNorm3d".
   static std::string name() { return "BatchNorm" + std::to_string(MaxRank - 2) + "d"; }
 
+ protected:
+  /// SyncBatchNorm's: training forwards normalize with the statistics of the batch of every
+  /// rank of `comm` (see sync.hpp).
+  BatchNorm(Index num_features, Options options, Communicator& comm)
+      : BatchNorm(num_features, std::move(options)) {
+    if (options_.virtual_batch_size != 0)
+      throw std::invalid_argument("bnorm::Sync" + name() +
+                                  ": expected virtual_batch_size 0 (Ghost BN splits one rank's "
+                                  "batch, not the ranks' whole), got " +
+                                  std::to_string(options_.virtual_batch_size));
+    sync_ = detail::BatchSync<Scalar>(comm, num_features, "Sync" + name());
+  }
+
+  detail::BatchSync<Scalar>& sync() { return sync_; }
+  const detail::BatchSync<Scalar>& sync() const { return sync_; }
+
  private:
   using Base::fail;
 
@@ -88,7 +105,8 @@ class BatchNorm
     for (int i = 1; i < Rank; ++i)
       if (i != channel_dim) spatial *= d[std::size_t(i)];
     const functional::Shape shape{d[0], C, spatial, options_.layout};
-    if (batch_stats && shape.per_channel() == 1)
+    // A synchronized forward checks the whole batch's count instead (merge_moments).
+    if (batch_stats && shape.per_channel() == 1 && !syncing(batch_stats))
       fail("Expected more than 1 value per channel when training, got input size " +
            detail::dims_string(d));
     return shape;
@@ -139,6 +157,32 @@ class BatchNorm
   }
 
   bool uses_batch_stats() const { return this->training_ || !options_.track_running_stats; }
+
+  /// Whether a forward merges its statistics with the other ranks' (SyncBatchNorm in training,
+  /// as PyTorch's: in eval mode each rank is on its own).
+  bool syncing(bool batch_stats) const {
+    return sync_.active() && this->training_ && batch_stats;
+  }
+  /// Every rank takes part in a synchronized forward, with an empty batch too.
+  bool runs_on_empty(bool batch_stats) const { return syncing(batch_stats); }
+
+  /// A synchronized forward merges the ranks' statistics before it changes anything.
+  template <std::size_t R>
+  void prepare_forward(const functional::Shape& shape, const Scalar* x,
+                       const functional::Execution<Scalar>& ex, bool batch_stats,
+                       const std::array<Index, R>& d) {
+    if (!syncing(batch_stats)) return;
+    sync_.merge_moments(shape, x, ex);
+    if (sync_.count() == 1)  // every rank throws alike
+      throw std::invalid_argument("bnorm::Sync" + name() +
+                                  ": Expected more than 1 value per channel when training, got "
+                                  "1 over all ranks (this rank's input size " +
+                                  detail::dims_string(d) + ")");
+  }
+
+  void rejected(bool forward, bool batch_stats) noexcept {
+    if (forward ? syncing(batch_stats) : saved_synced_) sync_.reject(forward, num_features_);
+  }
   bool infer_uses_batch_stats() const { return !options_.track_running_stats; }
   bool keeps_input() const { return options_.save_input; }
 
@@ -157,7 +201,10 @@ class BatchNorm
   void forward_kernel(const functional::Shape& shape, const Scalar* x, Scalar* y, Scalar* copy,
                       const functional::Execution<Scalar>& ex, bool batch_stats) {
     const functional::Affine<Scalar> affine{params_.weight_ptr(), params_.bias_ptr()};
-    if (!batch_stats) {
+    saved_synced_ = syncing(batch_stats);
+    if (saved_synced_) {
+      synced_forward(shape, x, y, copy, ex);
+    } else if (!batch_stats) {
       functional::detail::forward_inference(shape, x, y, options_.eps, affine,
                                             running_.mean.data(), running_.var.data(), ex, copy,
                                             saved_invstd_.data());
@@ -183,7 +230,10 @@ class BatchNorm
 
   void backward_kernel(const functional::Shape& shape, const Scalar* dy, const Scalar* x,
                        Scalar* dx, const functional::Execution<Scalar>& ex) {
-    if (saved_chunks_ > 1) {
+    if (saved_synced_) {
+      sync_.backward(shape, dy, x, dx, saved_mean_.data(), saved_invstd_.data(),
+                     params_.weight_ptr(), params_.step_weight_ptr(), params_.step_bias_ptr(), ex);
+    } else if (saved_chunks_ > 1) {
       ghost_backward(shape, dy, x, dx, ex);
     } else {
       functional::detail::backward(shape, dy, x, dx, saved_kind_, saved_mean_.data(),
@@ -191,6 +241,23 @@ class BatchNorm
                                    params_.step_weight_ptr(), params_.step_bias_ptr(), ex);
     }
     params_.accumulate();
+  }
+
+  /// A synchronized training forward: x normalized with the whole batch's statistics, which
+  /// prepare_forward merged; the running statistics move toward them on every rank alike.
+  void synced_forward(const functional::Shape& shape, const Scalar* x, Scalar* y, Scalar* copy,
+                      const functional::Execution<Scalar>& ex) {
+    if (sync_.count() == 0) return;  // every rank's batch empty: nothing to learn
+    functional::Running<Scalar> running;
+    if (options_.track_running_stats)
+      running = {running_.mean.data(), running_.var.data(),
+                 running_.momentum_for(options_.momentum),
+                 options_.running_variance == RunningVariance::Unbiased};
+    functional::detail::forward_from_moments(
+        shape, sync_.totals(), x, y, options_.eps,
+        functional::Affine<Scalar>{params_.weight_ptr(), params_.bias_ptr()},
+        {nullptr, saved_invstd_.data()}, running, ex, copy, saved_mean_.data());
+    if (options_.track_running_stats) ++running_.num_batches_tracked;
   }
 
   /// The samples of chunk k: [k * V, min(N, (k + 1) * V)), at k * V * C * spatial values in.
@@ -275,6 +342,8 @@ class BatchNorm
   // chunk of Ghost BN (saved_chunks_ of them).
   functional::Statistics saved_kind_ = functional::Statistics::Batch;
   Index saved_chunks_ = 1;
+  bool saved_synced_ = false;  // with the statistics of every rank's batch: backward merges too
+  detail::BatchSync<Scalar> sync_;  // inactive but in SyncBatchNorm
   std::vector<Scalar> ghost_scratch_;
   std::vector<double> ghost_sums_;
   std::vector<Scalar> saved_invstd_;

@@ -112,6 +112,52 @@ inline void check_pointer(const void* p, const char* name) {
   if (p == nullptr) fail(std::string(name) + " is null");
 }
 
+/// A training forward's finish(): NormalizeOp's coefficients of the channels [c0, c0 + nc) from
+/// their moments, and what the forward writes beside them. The channels one output at a time,
+/// so that each loop vectorizes, the square roots and divisions above all.
+template <class T>
+struct TrainingFinish {
+  Index channels;
+  double eps;
+  Affine<T> affine;
+  BatchStats<T> stats;
+  Running<T> running;
+  double* mean_exact;
+
+  void operator()(Index c0, Index nc, const bnorm::detail::Partial* m, T* coef) const {
+    const Index C = channels;
+    // (var zeroed: GCC cannot tell that inverse_std reads only the nc values written.)
+    double var[bnorm::detail::kFinishBatch] = {}, invstd[bnorm::detail::kFinishBatch];
+    for (Index j = 0; j < nc; ++j) var[j] = m[j].b / m[j].n;
+    bnorm::detail::inverse_std(var, nc, eps, invstd);
+    for (Index j = 0; j < nc; ++j) {
+      const Index c = c0 + j;
+      const double scale = (affine.weight ? double(affine.weight[c]) : 1.0) * invstd[j];
+      const auto mean_t = bnorm::detail::split_mean<T>(m[j]);
+      coef[c] = mean_t.high;
+      coef[C + c] = T(scale);
+      coef[2 * C + c] = T((affine.bias ? double(affine.bias[c]) : 0.0) - mean_t.low * scale);
+    }
+    if (mean_exact)
+      for (Index j = 0; j < nc; ++j) mean_exact[c0 + j] = m[j].mean();
+    if (stats.mean)
+      for (Index j = 0; j < nc; ++j) stats.mean[c0 + j] = T(m[j].mean());
+    if (stats.invstd)
+      for (Index j = 0; j < nc; ++j) stats.invstd[c0 + j] = T(invstd[j]);
+    const double momentum = running.momentum;
+    if (running.mean)
+      for (Index j = 0; j < nc; ++j)
+        running.mean[c0 + j] =
+            T((1 - momentum) * double(running.mean[c0 + j]) + momentum * m[j].mean());
+    if (running.var)
+      for (Index j = 0; j < nc; ++j) {
+        const double unbias = running.unbiased ? m[j].n / (m[j].n - 1) : 1.0;
+        running.var[c0 + j] =
+            T((1 - momentum) * double(running.var[c0 + j]) + momentum * var[j] * unbias);
+      }
+  }
+};
+
 /// copy_of_x: receives a copy of x (the module keeps it for backward); mean_exact: receives
 /// the batch mean before rounding to T. Both may be null.
 template <class T>
@@ -128,45 +174,12 @@ void forward_training(const Shape& shape, const T* x, T* y, double eps, Affine<T
   if (n < 2)
     fail("expected more than 1 value per channel when training, got " + std::to_string(n));
 
-  // The channels of a batch one output at a time: each loop vectorizes, the square roots and
-  // divisions above all.
-  const double count = double(n), momentum = running.momentum, unbias = running.unbiased ? count / (count - 1) : 1.0;
-  const Index C = shape.channels;
-  auto finish = [&](Index c0, Index nc, const bnorm::detail::Partial* m, T* coef) {
-    // (var zeroed: GCC cannot tell that inverse_std reads only the nc values written.)
-    double var[bnorm::detail::kFinishBatch] = {}, invstd[bnorm::detail::kFinishBatch];
-    for (Index j = 0; j < nc; ++j) var[j] = m[j].b / count;
-    bnorm::detail::inverse_std(var, nc, eps, invstd);
-    for (Index j = 0; j < nc; ++j) {
-      const Index c = c0 + j;
-      const double scale = (affine.weight ? double(affine.weight[c]) : 1.0) * invstd[j];
-      const auto mean_t = bnorm::detail::split_mean<T>(m[j]);
-      coef[c] = mean_t.high;
-      coef[C + c] = T(scale);
-      coef[2 * C + c] = T((affine.bias ? double(affine.bias[c]) : 0.0) - mean_t.low * scale);
-    }
-    if (mean_exact)
-      for (Index j = 0; j < nc; ++j) mean_exact[c0 + j] = m[j].mean();
-    if (stats.mean)
-      for (Index j = 0; j < nc; ++j) stats.mean[c0 + j] = T(m[j].mean());
-    if (stats.invstd)
-      for (Index j = 0; j < nc; ++j) stats.invstd[c0 + j] = T(invstd[j]);
-    if (running.mean)
-      for (Index j = 0; j < nc; ++j)
-        running.mean[c0 + j] =
-            T((1 - momentum) * double(running.mean[c0 + j]) + momentum * m[j].mean());
-    if (running.var)
-      for (Index j = 0; j < nc; ++j)
-        running.var[c0 + j] =
-            T((1 - momentum) * double(running.var[c0 + j]) + momentum * var[j] * unbias);
-  };
   const T* in[] = {x};
-  bnorm::detail::Streams<T, 1> s{{x}, y, copy_of_x};
   bnorm::detail::reduce_then_apply<bnorm::detail::NormalizeOp, void>(
-      geometry(shape), in, nullptr, bnorm::detail::merge_moments, finish, s, workspace(ex),
-      ex.device);
+      geometry(shape), in, nullptr, bnorm::detail::merge_moments,
+      TrainingFinish<T>{shape.channels, eps, affine, stats, running, mean_exact},
+      bnorm::detail::Streams<T, 1>{{x}, y, copy_of_x}, workspace(ex), ex.device);
 }
-
 /// invstd_out: receives 1 / sqrt(var + eps) per channel; may be null.
 template <class T>
 void forward_inference(const Shape& shape, const T* x, T* y, double eps, Affine<T> affine,
@@ -200,6 +213,35 @@ void forward_inference(const Shape& shape, const T* x, T* y, double eps, Affine<
       geometry(shape), bnorm::detail::Streams<T, 1>{{x}, y, copy_of_x}, ws, ex.device);
 }
 
+/// The parameters' gradients of channels [c0, c0 + n) from their gradient sums (each output may
+/// be null): grad_bias = sum(dy), grad_weight = sum(dy * (x - mean)) * invstd.
+template <class T>
+void parameter_grads(Index c0, Index n, const bnorm::detail::Partial* sums, const T* invstd,
+                     T* grad_weight, T* grad_bias) {
+  if (grad_bias)
+    for (Index j = 0; j < n; ++j) grad_bias[c0 + j] = T(sums[j].a);
+  if (grad_weight)
+    for (Index j = 0; j < n; ++j) grad_weight[c0 + j] = T(sums[j].b * double(invstd[c0 + j]));
+}
+
+/// InputGradOp's coefficients of channels [c0, c0 + n) of C from their gradient sums over
+/// `count` values each, with batch statistics.
+template <class T>
+void input_grad_coefs(Index C, Index c0, Index n, const bnorm::detail::Partial* sums,
+                      double count, const double* mean, const T* invstd, const T* weight,
+                      T* coef) {
+  for (Index j = 0; j < n; ++j) {
+    const Index c = c0 + j;
+    const double is = double(invstd[c]), k = (weight ? double(weight[c]) : 1.0) * is;
+    const auto mean_t = bnorm::detail::split_mean<T>(bnorm::detail::Partial{1, 0, 0, mean[c]});
+    const double slope = -k * is * is * sums[j].b / count;
+    coef[c] = T(k);
+    coef[C + c] = mean_t.high;
+    coef[2 * C + c] = T(slope);
+    coef[3 * C + c] = T(-k * sums[j].a / count - mean_t.low * slope);
+  }
+}
+
 /// backward with the mean in double (the module keeps the forward's unrounded mean).
 template <class T>
 void backward(const Shape& shape, const T* dy, const T* x, T* dx, Statistics kind,
@@ -225,10 +267,7 @@ void backward(const Shape& shape, const T* dy, const T* x, T* dx, Statistics kin
   const T* in[] = {dy, x};
   const double count = double(shape.per_channel());
   auto grads = [&](Index c0, Index n, const Partial* sums) {
-    if (grad_bias)
-      for (Index j = 0; j < n; ++j) grad_bias[c0 + j] = T(sums[j].a);
-    if (grad_weight)
-      for (Index j = 0; j < n; ++j) grad_weight[c0 + j] = T(sums[j].b * double(invstd[c0 + j]));
+    parameter_grads(c0, n, sums, invstd, grad_weight, grad_bias);
   };
   auto scale_of = [&](Index c) {
     return (weight ? double(weight[c]) : 1.0) * double(invstd[c]);
@@ -237,16 +276,7 @@ void backward(const Shape& shape, const T* dy, const T* x, T* dx, Statistics kin
   if (kind == Statistics::Batch) {
     auto finish = [&](Index c0, Index n, const Partial* sums, T* coef) {
       grads(c0, n, sums);
-      for (Index j = 0; j < n; ++j) {
-        const Index c = c0 + j;
-        const double k = scale_of(c), is = double(invstd[c]);
-        const auto mean_t = split_mean<T>(Partial{1, 0, 0, mean[c]});
-        const double slope = -k * is * is * sums[j].b / count;
-        coef[c] = T(k);
-        coef[C + c] = mean_t.high;
-        coef[2 * C + c] = T(slope);
-        coef[3 * C + c] = T(-k * sums[j].a / count - mean_t.low * slope);
-      }
+      input_grad_coefs(C, c0, n, sums, count, mean, invstd, weight, coef);
     };
     reduce_then_apply<InputGradOp, GradientSums>(g, in, mean, merge_sums, finish,
                                                  Streams<T, 2>{{dy, x}, dx}, ws, ex.device);

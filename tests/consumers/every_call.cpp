@@ -141,6 +141,40 @@ bool family_calls(const Eigen::ThreadPoolDevice& device) {
   return ok && std::isfinite(dx[0]);
 }
 
+/// One process alone: the exchanges change nothing.
+struct Solo : bnorm::Communicator {
+  void allreduce_sum(double*, std::ptrdiff_t) override {}
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+};
+
+/// SyncBatchNorm and the functional layer's three steps.
+template <class Scalar>
+bool sync_calls(const Eigen::ThreadPoolDevice& device) {
+  namespace fn = bnorm::functional;
+  Solo solo;
+  bnorm::SyncBatchNorm2d<Scalar> bn2(3, {}, solo);
+  bnorm::SyncBatchNorm1d<Scalar> bn1(3, solo);
+  bnorm::SyncBatchNorm3d<Scalar> bn3(3, solo);
+  bool ok = exercise_module<4>(bn2, {2, 3, 4, 5}, device) && exercise_module<2>(bn1, {5, 3}, device) &&
+            exercise_module<5>(bn3, {2, 3, 2, 2, 3}, device) && &bn2.communicator() == &solo;
+  const fn::Shape shape{4, 3, 10, bnorm::Layout::ChannelsLast};
+  std::vector<Scalar> x(120), y(120), dx(120), weight(3, Scalar(1)), mean(3), invstd(3);
+  for (std::size_t i = 0; i < x.size(); ++i) x[i] = Scalar(i % 7);
+  const fn::Execution<Scalar> ex{&device, nullptr};
+  std::vector<fn::Moments> moments(3);
+  std::vector<fn::BackwardSums> sums(3);
+  fn::local_moments<Scalar>(shape, x.data(), moments.data(), ex);
+  moments[0] = fn::merge(moments[0], fn::Moments{});
+  fn::forward_from_moments<Scalar>(shape, moments.data(), x.data(), y.data(), 1e-5,
+                                   {weight.data(), nullptr}, {mean.data(), invstd.data()}, {}, ex);
+  fn::local_gradient_sums<Scalar>(shape, y.data(), x.data(), mean.data(), sums.data(), ex);
+  sums[1] = fn::merge(sums[1], fn::BackwardSums{});
+  fn::backward_from_sums<Scalar>(shape, sums.data(), y.data(), x.data(), dx.data(), mean.data(),
+                                 invstd.data(), weight.data(), ex);
+  return ok && std::isfinite(dx[0]) && moments[2].variance() > 0;
+}
+
 /// Eigen matrices: column-major into BatchNorm1d, row-major into LayerNorm.
 template <class Scalar>
 bool matrix_calls(const Eigen::ThreadPoolDevice& device) {
@@ -164,7 +198,7 @@ bool matrix_calls(const Eigen::ThreadPoolDevice& device) {
 template <class Scalar>
 bool every_module(const Eigen::ThreadPoolDevice& device) {
   bool ok = functional_calls<Scalar>(device) && family_calls<Scalar>(device) &&
-            matrix_calls<Scalar>(device);
+            matrix_calls<Scalar>(device) && sync_calls<Scalar>(device);
   for (auto layout : {bnorm::Layout::ChannelsFirst, bnorm::Layout::ChannelsLast}) {
     for (bool save : {true, false}) {
       ok = ok && exercise<bnorm::BatchNorm1d<Scalar>, 2>({64, 5}, layout, save, device);

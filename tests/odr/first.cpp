@@ -5,6 +5,7 @@
 #include <bnorm/bnorm.hpp>
 #include <bnorm/functional.hpp>
 #include <bnorm/options.hpp>
+#include <bnorm/sync.hpp>
 
 float second_translation_unit();
 

@@ -226,6 +226,19 @@ class Module {
   template <std::size_t R>
   void check_forward_problem(const Problem&, const std::array<Index, R>&, bool) const {}
 
+  /// Whether a forward of an empty batch runs the kernel all the same (Derived may hide it).
+  bool runs_on_empty(bool) const { return false; }
+
+  /// Work of a forward that may still fail, after its checks and before it changes any state
+  /// (Derived may hide it).
+  template <std::size_t R>
+  void prepare_forward(const Problem&, const Scalar*, const functional::Execution<Scalar>&, bool,
+                       const std::array<Index, R>&) {}
+
+  /// Called where a forward's (forward true) or a backward's checks failed, before the
+  /// exception goes on (Derived may hide it).
+  void rejected(bool /*forward*/, bool /*batch_stats*/) noexcept {}
+
   /// Whether the module takes column-major matrices, and their Problem, given whether a
   /// training forward normalizes them with batch statistics (Derived may hide both).
   static constexpr bool kColumnMajorMatrices = false;
@@ -305,17 +318,32 @@ class Module {
     return y;
   }
 
+  /// Runs checks(), telling Derived where they fail.
+  template <class Checks>
+  void guarded(bool forward, bool batch_stats, const Checks& checks) {
+    try {
+      checks();
+    } catch (...) {
+      self().rejected(forward, batch_stats);
+      throw;
+    }
+  }
+
   template <class X, class Y>
   void forward_impl(const X& x, Y& y, const Eigen::ThreadPoolDevice* device) {
     const bool batch_stats = self().uses_batch_stats();
-    const Problem p = checked_forward(x, y, batch_stats, true);
-    if (p.size() == 0) return;  // an empty batch: nothing to normalize, nothing learned
+    Problem p{};
+    guarded(true, batch_stats, [&] { p = checked_forward(x, y, batch_stats, true); });
+    // An empty batch: nothing to normalize, nothing learned (unless Derived runs it all the same).
+    if (p.size() == 0 && !self().runs_on_empty(batch_stats)) return;
+    const auto dims = ArgTraits<X>::dims(x);
+    const functional::Execution<Scalar> ex{device, &workspace_};
+    self().prepare_forward(p, x.data(), ex, batch_stats, dims);
     // Everything that can fail has been checked; allocate before changing any state.
     const bool keep = self().keeps_input();
     if (keep) saved_input_.resize(std::size_t(p.size()));
-    self().forward_kernel(p, x.data(), y.data(), keep ? saved_input_.data() : nullptr,
-                          functional::Execution<Scalar>{device, &workspace_}, batch_stats);
-    const auto dims = ArgTraits<X>::dims(x);
+    self().forward_kernel(p, x.data(), y.data(), keep ? saved_input_.data() : nullptr, ex,
+                          batch_stats);
     saved_dims_.assign(dims.begin(), dims.end());  // allocates once: its capacity stays
     saved_column_major_ = column_major<X>();
     saved_ = true;
@@ -368,26 +396,37 @@ class Module {
 
   template <class DY, class DX>
   void backward_impl(const DY& dy, DX& dx, const Eigen::ThreadPoolDevice* device) {
-    check_like_saved(dy, "dy");
-    if (!self().keeps_input())
-      throw std::logic_error("bnorm::" + Derived::name() +
-                             ": backward(dy) needs the forward's input, which this module does "
-                             "not keep (save_input = false): call backward(x, dy, dx) with that "
-                             "input");
+    guarded(false, false, [&] {
+      check_like_saved(dy, "dy");
+      if (!self().keeps_input())
+        throw std::logic_error("bnorm::" + Derived::name() +
+                               ": backward(dy) needs the forward's input, which this module does "
+                               "not keep (save_input = false): call backward(x, dy, dx) with "
+                               "that input");
+      check_backward(dx);
+    });
     backward_from(saved_input_.data(), dy, dx, device);
   }
 
   template <class X, class DY, class DX>
   void backward_given(const X& x, const DY& dy, DX& dx, const Eigen::ThreadPoolDevice* device) {
-    check_like_saved(x, "x");
-    check_like_saved(dy, "dy");
+    guarded(false, false, [&] {
+      check_like_saved(x, "x");
+      check_like_saved(dy, "dy");
+      check_backward(dx);
+    });
     backward_from(x.data(), dy, dx, device);
   }
 
-  template <class DY, class DX>
-  void backward_from(const Scalar* x, const DY& dy, DX& dx, const Eigen::ThreadPoolDevice* device) {
+  template <class DX>
+  void check_backward(const DX& dx) const {
     check_like_saved(dx, "dx");
     self().check_state();
+  }
+
+  /// A backward whose arguments have been checked.
+  template <class DY, class DX>
+  void backward_from(const Scalar* x, const DY& dy, DX& dx, const Eigen::ThreadPoolDevice* device) {
     self().backward_kernel(saved_problem_, dy.data(), x, dx.data(),
                            functional::Execution<Scalar>{device, &workspace_});
   }

@@ -53,12 +53,13 @@ void reduce_then_apply(const Geometry& whole, const T* const* reduce_in, const d
                        Workspace<T>& ws, const Eigen::ThreadPoolDevice* device,
                        Index granule = 1) {
   constexpr bool kMoments = std::is_void_v<Step>;
+  constexpr bool kApplies = !std::is_same_v<Op, ReduceOnly>;
   constexpr int kReduceInputs = [] {
     if constexpr (kMoments) return 1;
     else return Step::kInputs;
   }();
-  const Plan plan = make_plan<T>(whole, Traffic{kReduceInputs, Op::kInputs, s.copy != nullptr},
-                                 workers(device));
+  const Plan plan = make_plan<T>(
+      whole, Traffic{kReduceInputs, kApplies ? Op::kInputs : 0, s.copy != nullptr}, workers(device));
   // ACROSS rows of few channels are reduced q at a time, as rows of q * C channels (see
   // period_rows): g is that view, whose channel p is channel p % C of `whole`, and whose sums are
   // folded into the whole's channels before they are finished.
@@ -170,7 +171,7 @@ void reduce_then_apply(const Geometry& whole, const T* const* reduce_in, const d
             }
           }
           merge_and_finish(gc0, gc1);
-          apply_along<Op, kStream>(g, s, coef, 0, g.outer, gc0, gc1, parts);
+          if constexpr (kApplies) apply_along<Op, kStream>(g, s, coef, 0, g.outer, gc0, gc1, parts);
         }
         if constexpr (kStream) stream_fence();
       });
@@ -237,7 +238,7 @@ void reduce_then_apply(const Geometry& whole, const T* const* reduce_in, const d
     }
     for (Index first = 0; first < wc; first += batch)
       finish(first, std::min(batch, wc - first), total + first, coef);
-    apply_all<Op>(plan, s, ws, device);
+    if constexpr (kApplies) apply_all<Op>(plan, s, ws, device);
     return;
   }
   // Channels are merged side by side, so that their chains of merges overlap. On a small
@@ -245,7 +246,7 @@ void reduce_then_apply(const Geometry& whole, const T* const* reduce_in, const d
   const Eigen::ThreadPoolDevice* merging = plan.merge_on_workers ? device : nullptr;
   parallel_ranges(merging, C / granule,
                   [&](Index u0, Index u1) { merge_and_finish(u0 * granule, u1 * granule); });
-  apply_all<Op>(plan, s, ws, device);
+  if constexpr (kApplies) apply_all<Op>(plan, s, ws, device);
 }
 
 }  // namespace detail

@@ -50,6 +50,12 @@ struct InputGradOp {
   }
 };
 
+/// The Op of a call that only reduces: finish() receives the totals and no elementwise pass
+/// runs (statistics merged elsewhere before they are applied, as across processes).
+struct ReduceOnly {
+  static constexpr int kInputs = 1, kCoefs = 0;
+};
+
 /// The mean of `m` rounded to T, and what that rounding lost, in double.
 template <class T>
 struct SplitMean {

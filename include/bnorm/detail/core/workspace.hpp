@@ -35,6 +35,7 @@ struct Workspace {
   std::vector<double> group_stats;       // per sample and group: mean, biased variance
   std::vector<double> param_sums;        // per sample and channel: grad_bias, grad_weight terms
   std::vector<Workspace> per_worker;     // for work split into whole calls, one per worker
+  std::vector<Partial> partials_out;     // per channel: statistics handed out or in whole
 };
 
 /// Values of T to give each worker for a table of n values of its own in a shared vector: n
