@@ -146,8 +146,18 @@ struct Module {
   Step step(const Shape& sh, const std::vector<T>& x, const std::vector<T>& dy) {
     const bool use_batch = training || !opt.track_running_stats;
     Stats st;
+    // Batch Renormalization (training): y = weight * (xhat * r + d) + bias, r and d from the
+    // running statistics before this batch moves them, constants to backward.
+    std::vector<double> r(std::size_t(sh.channels), 1.0), d(std::size_t(sh.channels), 0.0);
     if (use_batch) {
       st = batch_stats(sh, x);
+      if (training && opt.renorm)
+        for (Index c = 0; c < sh.channels; ++c) {
+          const double sigma = std::sqrt(running_var[c] + opt.eps);
+          const double rmax = opt.renorm->rmax, dmax = opt.renorm->dmax;
+          r[c] = std::min(std::max(std::sqrt(st.var[c] + opt.eps) / sigma, 1 / rmax), rmax);
+          d[c] = std::min(std::max((st.mean[c] - running_mean[c]) / sigma, -dmax), dmax);
+        }
       if (training && opt.track_running_stats) {
         ++num_batches_tracked;
         const double f = opt.momentum ? *opt.momentum : 1.0 / double(num_batches_tracked);
@@ -163,14 +173,20 @@ struct Module {
     } else {
       st = {running_mean, running_var};
     }
+    std::vector<double> scaled(std::size_t(sh.channels)), shifted(std::size_t(sh.channels));
+    for (Index c = 0; c < sh.channels; ++c) {
+      const double w = weight.empty() ? 1.0 : weight[c], b = bias.empty() ? 0.0 : bias[c];
+      scaled[c] = w * r[c];
+      shifted[c] = b + w * d[c];
+    }
     Step out;
-    out.y = normalize(sh, x, st, opt.eps, weight, bias);
-    Grads g = backward(sh, x, dy, st, opt.eps, weight, use_batch);
+    out.y = normalize(sh, x, st, opt.eps, scaled, shifted);
+    Grads g = backward(sh, x, dy, st, opt.eps, scaled, use_batch);
     out.dx = std::move(g.dx);
     for (std::size_t c = 0; c < grad_weight.size(); ++c) {
-      grad_weight[c] += g.weight[c];
+      grad_weight[c] += r[c] * g.weight[c] + d[c] * g.bias[c];
       grad_bias[c] += g.bias[c];
-      grad_weight_terms[c] += g.weight_terms[c];
+      grad_weight_terms[c] += r[c] * g.weight_terms[c] + std::abs(d[c]) * g.bias_terms[c];
       grad_bias_terms[c] += g.bias_terms[c];
     }
     return out;

@@ -1,5 +1,6 @@
-// Other frameworks' conventions (Keras's and Flax's presets, the biased running variance) and
-// folding a batch norm into the layer before it, against PyTorch's own folding
+// Other frameworks' conventions (Keras's and Flax's presets, the biased running variance), Batch
+// Renormalization (beside the reference module in test_module.cpp), and folding a batch norm into
+// the layer before it, against PyTorch's own folding
 // (fixtures/pytorch_fold.txt, from fixtures/generate_fold.py) and against the layer followed by
 // the batch norm.
 
@@ -196,4 +197,102 @@ TEST_CASE("Keras's and Flax's presets, and the biased running variance", "[conve
     CHECK(biased.running_var()(c) == Approx(0.99 + 0.01 * m2 / double(N)).epsilon(1e-13));
     CHECK(unbiased.running_var()(c) == Approx(0.9 + 0.1 * m2 / double(N - 1)).epsilon(1e-13));
   }
+}
+
+namespace {
+
+using Tensor2 = Eigen::Tensor<double, 2, Eigen::RowMajor>;
+using Tensor4 = Eigen::Tensor<double, 4, Eigen::RowMajor>;
+
+/// sum(y * g) of a forward: its gradient with respect to x is backward(g).
+double loss(bnorm::BatchNorm2d<double>& bn, const Tensor4& x, const Tensor4& g) {
+  const Tensor4 y = bn.forward(x);
+  double sum = 0;
+  for (Index i = 0; i < y.size(); ++i) sum += y.data()[i] * g.data()[i];
+  return sum;
+}
+
+}  // namespace
+
+TEST_CASE("Batch Renormalization: finite differences where r and d are clipped", "[renorm]") {
+  // Running statistics far from the batch's clip every channel's r (sigma_B / sigma < 1 / rmax)
+  // and d: there, r and d are constant, and the true gradient is the stop-gradient one.
+  // Momentum 0 keeps the running statistics where they are from one forward to the next.
+  bnorm::Options o;
+  o.renorm = bnorm::Renorm{2.0, 1.5};
+  o.momentum = 0.0;
+  const Index C = 3;
+  bnorm::BatchNorm2d<double> bn(C, o);
+  for (Index c = 0; c < C; ++c) {
+    bn.running_mean()(c) = c % 2 ? 40.0 : -40.0;
+    bn.running_var()(c) = 400.0;
+    bn.weight()(c) = 0.5 + double(c);
+    bn.bias()(c) = 0.25 * double(c);
+  }
+  const reference::Shape sh{4, C, 6, bnorm::Layout::ChannelsFirst};
+  const auto xv = testing::random_input<double>(sh, 3.0), gv = testing::random_input<double>(sh, 1.0);
+  Tensor4 x(4, C, 2, 3), g(4, C, 2, 3);
+  std::copy(xv.begin(), xv.end(), x.data());
+  std::copy(gv.begin(), gv.end(), g.data());
+  loss(bn, x, g);
+  const Tensor4 dx = bn.backward(g);
+  const std::vector<double> grad_weight = testing::values(bn.grad_weight());
+  const std::vector<double> grad_bias = testing::values(bn.grad_bias());
+  const double h = 1e-6;
+  for (Index i = 0; i < x.size(); i += 5) {
+    Tensor4 up = x, down = x;
+    up.data()[i] += h;
+    down.data()[i] -= h;
+    const double numeric = (loss(bn, up, g) - loss(bn, down, g)) / (2 * h);
+    CHECK(dx.data()[i] == Approx(numeric).epsilon(1e-6).margin(1e-7));
+  }
+  for (Index c = 0; c < C; ++c) {
+    auto nudge = [&](double& p) {
+      const double p0 = p;
+      p = p0 + h;
+      const double up = loss(bn, x, g);
+      p = p0 - h;
+      const double down = loss(bn, x, g);
+      p = p0;
+      return (up - down) / (2 * h);
+    };
+    CHECK(grad_weight[std::size_t(c)] == Approx(nudge(bn.weight()(c))).epsilon(1e-6));
+    CHECK(grad_bias[std::size_t(c)] == Approx(nudge(bn.bias()(c))).epsilon(1e-6));
+  }
+}
+
+TEST_CASE("Batch Renormalization with rmax 1 and dmax 0 is batch norm, bit for bit", "[renorm]") {
+  bnorm::Options o;
+  o.renorm = bnorm::Renorm{1.0, 0.0};
+  bnorm::BatchNorm1d<float> renorm(5, o), plain(5);
+  const reference::Shape sh{7, 5, 1, bnorm::Layout::ChannelsFirst};
+  for (int step = 0; step < 2; ++step) {
+    const auto x = testing::random_input<float>(sh), dy = testing::random_input<float>(sh, 1.0);
+    Eigen::TensorMap<const Eigen::Tensor<float, 2, Eigen::RowMajor>> xm(x.data(), 7, 5),
+        dym(dy.data(), 7, 5);
+    const Eigen::Tensor<float, 2, Eigen::RowMajor> y1 = renorm.forward(xm), y2 = plain.forward(xm);
+    const Eigen::Tensor<float, 2, Eigen::RowMajor> d1 = renorm.backward(dym), d2 = plain.backward(dym);
+    CHECK(std::equal(y1.data(), y1.data() + y1.size(), y2.data()));
+    CHECK(std::equal(d1.data(), d1.data() + d1.size(), d2.data()));
+  }
+  CHECK(testing::values(renorm.grad_weight()) == testing::values(plain.grad_weight()));
+  CHECK(testing::values(renorm.running_var()) == testing::values(plain.running_var()));
+}
+
+TEST_CASE("Batch Renormalization: bad bounds and combinations are errors", "[renorm][errors]") {
+  bnorm::Options o;
+  o.renorm = bnorm::Renorm{0.5, 1.0};
+  CHECK_THROWS_WITH(bnorm::BatchNorm2d<float>(3, o),
+                    Catch::Contains("expected renorm's rmax >= 1 and dmax >= 0") &&
+                        Catch::Contains("rmax 0.5"));
+  o.renorm = bnorm::Renorm{2.0, -1.0};
+  CHECK_THROWS_WITH(bnorm::BatchNorm2d<float>(3, o), Catch::Contains("dmax -1"));
+  o.renorm = bnorm::Renorm{std::numeric_limits<double>::quiet_NaN(), 1.0};
+  CHECK_THROWS_AS(bnorm::BatchNorm2d<float>(3, o), std::invalid_argument);
+  o.renorm = bnorm::Renorm{};
+  o.track_running_stats = false;
+  CHECK_THROWS_WITH(bnorm::BatchNorm2d<float>(3, o), Catch::Contains("needs track_running_stats"));
+  o.track_running_stats = true;
+  o.virtual_batch_size = 4;
+  CHECK_THROWS_WITH(bnorm::BatchNorm2d<float>(3, o), Catch::Contains("not supported"));
 }

@@ -100,6 +100,11 @@ std::vector<bnorm::Options> option_sets(Layout layout) {
         // Keras's and Flax's running variance where there is one.
         if (track && !affine) o.running_variance = bnorm::RunningVariance::Biased;
         sets.push_back(o);
+        // Batch Renormalization, with bounds that clip some channels' r and d and not others'.
+        if (track && momentum) {
+          o.renorm = bnorm::Renorm{1.5, 0.5};
+          sets.push_back(o);
+        }
       }
   return sets;
 }
@@ -109,7 +114,10 @@ std::string describe(const bnorm::Options& o) {
   s << "affine " << o.affine << ", track " << o.track_running_stats << ", momentum "
     << (o.momentum ? std::to_string(*o.momentum) : "none") << ", eps " << o.eps << ", "
     << (o.layout == Layout::ChannelsFirst ? "ChannelsFirst" : "ChannelsLast") << ", "
-    << (o.running_variance == bnorm::RunningVariance::Biased ? "biased" : "unbiased");
+    << (o.running_variance == bnorm::RunningVariance::Biased ? "biased" : "unbiased")
+    << (o.renorm ? ", renorm " + std::to_string(o.renorm->rmax) + " " +
+                       std::to_string(o.renorm->dmax)
+                 : std::string());
   return s.str();
 }
 

@@ -45,6 +45,17 @@ class BatchNorm
     if (options_.virtual_batch_size < 0)
       fail("expected virtual_batch_size >= 0 (0: off), got " +
            std::to_string(options_.virtual_batch_size));
+    if (const auto& rn = options_.renorm) {
+      if (!(rn->rmax >= 1) || !std::isfinite(rn->rmax) || !(rn->dmax >= 0) ||
+          !std::isfinite(rn->dmax))
+        fail("expected renorm's rmax >= 1 and dmax >= 0, both finite, got rmax " +
+             std::to_string(rn->rmax) + ", dmax " + std::to_string(rn->dmax));
+      if (!options_.track_running_stats)
+        fail("renorm corrects the batch statistics toward the running ones: it needs "
+             "track_running_stats");
+      if (options_.virtual_batch_size > 0)
+        fail("renorm and virtual_batch_size together are not supported");
+    }
     params_ = detail::Parameters<Scalar>(num_features, options_.affine, options_.affine);
     running_ = detail::RunningStats<Scalar>(num_features, options_.track_running_stats);
     saved_mean_.resize(std::size_t(num_features));
@@ -202,6 +213,7 @@ class BatchNorm
                       const functional::Execution<Scalar>& ex, bool batch_stats) {
     const functional::Affine<Scalar> affine{params_.weight_ptr(), params_.bias_ptr()};
     saved_synced_ = syncing(batch_stats);
+    saved_renorm_ = batch_stats && this->training_ && options_.renorm.has_value();
     if (saved_synced_) {
       synced_forward(shape, x, y, copy, ex);
     } else if (!batch_stats) {
@@ -221,7 +233,7 @@ class BatchNorm
                    options_.running_variance == RunningVariance::Unbiased};
       functional::detail::forward_training(shape, x, y, options_.eps, affine,
                                            {nullptr, saved_invstd_.data()}, running, ex, copy,
-                                           saved_mean_.data());
+                                           saved_mean_.data(), renormalize());
       if (update) ++running_.num_batches_tracked;
     }
     if (!ghost(shape, batch_stats)) saved_chunks_ = 1;
@@ -230,17 +242,45 @@ class BatchNorm
 
   void backward_kernel(const functional::Shape& shape, const Scalar* dy, const Scalar* x,
                        Scalar* dx, const functional::Execution<Scalar>& ex) {
+    // Batch Renormalization's r and d are constants to backward: BatchNorm's backward with the
+    // weight scaled by r, then the weight's gradient r * sum(dy * xhat) + d * sum(dy).
+    const Scalar* weight = saved_renorm_ ? renorm_weight() : params_.weight_ptr();
+    Scalar* gw = params_.step_weight_ptr();
+    Scalar* gb = params_.step_bias_ptr();
     if (saved_synced_) {
-      sync_.backward(shape, dy, x, dx, saved_mean_.data(), saved_invstd_.data(),
-                     params_.weight_ptr(), params_.step_weight_ptr(), params_.step_bias_ptr(), ex);
+      sync_.backward(shape, dy, x, dx, saved_mean_.data(), saved_invstd_.data(), weight, gw, gb,
+                     ex);
     } else if (saved_chunks_ > 1) {
       ghost_backward(shape, dy, x, dx, ex);
     } else {
       functional::detail::backward(shape, dy, x, dx, saved_kind_, saved_mean_.data(),
-                                   saved_invstd_.data(), params_.weight_ptr(),
-                                   params_.step_weight_ptr(), params_.step_bias_ptr(), ex);
+                                   saved_invstd_.data(), weight, gw, gb, ex);
     }
+    if (saved_renorm_ && gw)
+      for (Index c = 0; c < num_features_; ++c) {
+        const std::size_t i = std::size_t(c);
+        gw[c] = Scalar(saved_r_[i] * double(gw[c]) + saved_d_[i] * double(gb[c]));
+      }
     params_.accumulate();
+  }
+
+  /// Batch Renormalization's part of a training forward, or none.
+  functional::detail::Renormalize<Scalar> renormalize() {
+    if (!saved_renorm_) return {};
+    saved_r_.resize(std::size_t(num_features_));
+    saved_d_.resize(std::size_t(num_features_));
+    return {options_.renorm->rmax, options_.renorm->dmax, running_.mean.data(),
+            running_.var.data(), saved_r_.data(), saved_d_.data()};
+  }
+
+  /// The weight times the last forward's r, per channel.
+  const Scalar* renorm_weight() {
+    renorm_weight_.resize(std::size_t(num_features_));
+    for (Index c = 0; c < num_features_; ++c)
+      renorm_weight_[std::size_t(c)] =
+          Scalar((params_.weight_ptr() ? double(params_.weight_ptr()[c]) : 1.0) *
+                 saved_r_[std::size_t(c)]);
+    return renorm_weight_.data();
   }
 
   /// A synchronized training forward: x normalized with the whole batch's statistics, which
@@ -256,7 +296,7 @@ class BatchNorm
     functional::detail::forward_from_moments(
         shape, sync_.totals(), x, y, options_.eps,
         functional::Affine<Scalar>{params_.weight_ptr(), params_.bias_ptr()},
-        {nullptr, saved_invstd_.data()}, running, ex, copy, saved_mean_.data());
+        {nullptr, saved_invstd_.data()}, running, ex, copy, saved_mean_.data(), renormalize());
     if (options_.track_running_stats) ++running_.num_batches_tracked;
   }
 
@@ -343,6 +383,9 @@ class BatchNorm
   functional::Statistics saved_kind_ = functional::Statistics::Batch;
   Index saved_chunks_ = 1;
   bool saved_synced_ = false;  // with the statistics of every rank's batch: backward merges too
+  bool saved_renorm_ = false;  // with Batch Renormalization's r and d, per channel
+  std::vector<double> saved_r_, saved_d_;
+  std::vector<Scalar> renorm_weight_;
   detail::BatchSync<Scalar> sync_;  // inactive but in SyncBatchNorm
   std::vector<Scalar> ghost_scratch_;
   std::vector<double> ghost_sums_;

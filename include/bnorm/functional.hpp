@@ -112,6 +112,18 @@ inline void check_pointer(const void* p, const char* name) {
   if (p == nullptr) fail(std::string(name) + " is null");
 }
 
+/// Batch Renormalization's part of a training forward (see bnorm::Renorm): the running statistics
+/// it corrects toward, read before the forward updates them, and where r and d go per channel.
+/// rmax == 0: off.
+template <class T>
+struct Renormalize {
+  double rmax = 0, dmax = 0;
+  const T* running_mean = nullptr;
+  const T* running_var = nullptr;
+  double* r = nullptr;
+  double* d = nullptr;
+};
+
 /// A training forward's finish(): NormalizeOp's coefficients of the channels [c0, c0 + nc) from
 /// their moments, and what the forward writes beside them. The channels one output at a time,
 /// so that each loop vectorizes, the square roots and divisions above all.
@@ -123,6 +135,7 @@ struct TrainingFinish {
   BatchStats<T> stats;
   Running<T> running;
   double* mean_exact;
+  Renormalize<T> renorm;
 
   void operator()(Index c0, Index nc, const bnorm::detail::Partial* m, T* coef) const {
     const Index C = channels;
@@ -132,11 +145,22 @@ struct TrainingFinish {
     bnorm::detail::inverse_std(var, nc, eps, invstd);
     for (Index j = 0; j < nc; ++j) {
       const Index c = c0 + j;
-      const double scale = (affine.weight ? double(affine.weight[c]) : 1.0) * invstd[j];
+      const double weight = affine.weight ? double(affine.weight[c]) : 1.0;
+      double scale = weight * invstd[j], shift = affine.bias ? double(affine.bias[c]) : 0.0;
+      if (renorm.rmax > 0) {  // before the running statistics move, below
+        const double sigma = std::sqrt(double(renorm.running_var[c]) + eps);
+        const double r = std::clamp(std::sqrt(var[j] + eps) / sigma, 1 / renorm.rmax, renorm.rmax);
+        const double d = std::clamp((m[j].mean() - double(renorm.running_mean[c])) / sigma,
+                                    -renorm.dmax, renorm.dmax);
+        renorm.r[c] = r;
+        renorm.d[c] = d;
+        scale *= r;
+        shift += weight * d;
+      }
       const auto mean_t = bnorm::detail::split_mean<T>(m[j]);
       coef[c] = mean_t.high;
       coef[C + c] = T(scale);
-      coef[2 * C + c] = T((affine.bias ? double(affine.bias[c]) : 0.0) - mean_t.low * scale);
+      coef[2 * C + c] = T(shift - mean_t.low * scale);
     }
     if (mean_exact)
       for (Index j = 0; j < nc; ++j) mean_exact[c0 + j] = m[j].mean();
@@ -163,7 +187,7 @@ struct TrainingFinish {
 template <class T>
 void forward_training(const Shape& shape, const T* x, T* y, double eps, Affine<T> affine,
                       BatchStats<T> stats, Running<T> running, const Execution<T>& ex,
-                      T* copy_of_x, double* mean_exact) {
+                      T* copy_of_x, double* mean_exact, Renormalize<T> renorm = {}) {
   check_shape(shape);
   check_eps(eps);
   if (running.mean || running.var) check_momentum(running.momentum);
@@ -177,7 +201,7 @@ void forward_training(const Shape& shape, const T* x, T* y, double eps, Affine<T
   const T* in[] = {x};
   bnorm::detail::reduce_then_apply<bnorm::detail::NormalizeOp, void>(
       geometry(shape), in, nullptr, bnorm::detail::merge_moments,
-      TrainingFinish<T>{shape.channels, eps, affine, stats, running, mean_exact},
+      TrainingFinish<T>{shape.channels, eps, affine, stats, running, mean_exact, renorm},
       bnorm::detail::Streams<T, 1>{{x}, y, copy_of_x}, workspace(ex), ex.device);
 }
 /// invstd_out: receives 1 / sqrt(var + eps) per channel; may be null.

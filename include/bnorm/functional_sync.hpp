@@ -72,7 +72,8 @@ void local_moments(const Shape& shape, const T* x, Partial* out, const Execution
 template <class T>
 void forward_from_moments(const Shape& shape, const Partial* total, const T* x, T* y, double eps,
                           Affine<T> affine, BatchStats<T> stats, Running<T> running,
-                          const Execution<T>& ex, T* copy_of_x, double* mean_exact) {
+                          const Execution<T>& ex, T* copy_of_x, double* mean_exact,
+                          Renormalize<T> renorm = {}) {
   using namespace bnorm::detail;
   check_shape(shape);
   check_eps(eps);
@@ -89,7 +90,7 @@ void forward_from_moments(const Shape& shape, const Partial* total, const T* x, 
   }
   auto& ws = workspace(ex);
   ws.coefs.resize(std::size_t(NormalizeOp::kCoefs * C));
-  const TrainingFinish<T> finish{C, eps, affine, stats, running, mean_exact};
+  const TrainingFinish<T> finish{C, eps, affine, stats, running, mean_exact, renorm};
   for (Index c0 = 0; c0 < C; c0 += kFinishBatch)
     finish(c0, std::min(kFinishBatch, C - c0), total + c0, ws.coefs.data());
   if (shape.size() > 0)

@@ -19,6 +19,16 @@ enum class RunningVariance {
   Biased,    ///< the variance that normalizes: Keras's and Flax's
 };
 
+/// Batch Renormalization (Ioffe, 2017): in training, the batch's normalization is corrected
+/// toward the running statistics, y = weight * (xhat * r + d) + bias, with
+/// r = clip(sigma_B / sigma, 1 / rmax, rmax) and d = clip((mu_B - mu) / sigma, -dmax, dmax), where
+/// sigma_B = sqrt(var_B + eps), sigma = sqrt(running_var + eps) and mu = running_mean, as they
+/// were before the batch updates them. r and d are constants to backward (stop-gradient).
+struct Renorm {
+  double rmax = 3.0;  ///< >= 1; 1: r = 1, plain batch norm's scale
+  double dmax = 5.0;  ///< >= 0; 0: d = 0
+};
+
 struct Options {
   /// Added to the variance before the square root. Must be finite and >= 0.
   double eps = 1e-5;
@@ -45,6 +55,9 @@ struct Options {
   /// once per forward, toward the plain mean over the chunks of their means and variances.
   /// 0: off. Must be >= 0.
   std::ptrdiff_t virtual_batch_size = 0;
+  /// Batch Renormalization's bounds; std::nullopt: off. Needs track_running_stats; not with
+  /// virtual_batch_size.
+  std::optional<Renorm> renorm;
 };
 
 /// Keras's BatchNormalization defaults: epsilon 1e-3, momentum 0.99 of the OLD value (0.01 of
