@@ -290,6 +290,72 @@ void module_step(benchmark::State& state, const Case& c, bnorm::Layout layout, i
   report(state, c, 5);
 }
 
+/// The fused epilogues against the unfused pair: the batch norm, then the residual add and ReLU
+/// in an elementwise pass of their own (as a framework without fusion runs them). pass:
+/// fwd_relu, fwd_add_relu (functional training forwards), or step_add_relu (a module's
+/// forward_add + backward_add, against forward, the add + ReLU pass, ReLU's backward pass that
+/// masks dy, and backward). z is dx's buffer in the forwards.
+void fused_bench(benchmark::State& state, const Case& c, bnorm::Layout layout,
+                 const std::string& pass, bool fused, int threads) {
+  using Tensor = Eigen::Tensor<float, 4, Eigen::RowMajor>;
+  using Map = Eigen::TensorMap<Tensor>;
+  Data d(c);
+  Buffer z(d.x.size()), dz(d.x.size());
+  for (std::size_t i = 0; i < z.size(); ++i) z[i] = d.dy[i] * 4;
+  const fn::Shape shape{c.batch(), c.channels(), c.spatial(), layout};
+  fn::Workspace<float> ws;
+  const Eigen::ThreadPoolDevice* dev = device(threads);
+  const fn::Execution<float> ex{dev, &ws};
+  const bool add = pass != "fwd_relu";
+  float* y = d.y.data();
+  const float* zp = z.data();
+  auto epilogue = [&] {  // the unfused add + ReLU
+    bnorm::detail::parallel_ranges(dev, c.size(), [&](Index i0, Index i1) {
+      for (Index i = i0; i < i1; ++i) y[i] = std::max(y[i] + (add ? zp[i] : 0.f), 0.f);
+    });
+  };
+  const bool last = layout == bnorm::Layout::ChannelsLast;
+  const Eigen::DSizes<Index, 4> dims = last ? Eigen::DSizes<Index, 4>(c.dims[0], c.dims[2], c.dims[3], c.dims[1])
+                                            : Eigen::DSizes<Index, 4>(c.dims[0], c.dims[1], c.dims[2], c.dims[3]);
+  bnorm::Options opt;
+  opt.layout = layout;
+  opt.save_input = false;
+  if (fused) opt.activation = bnorm::Activation::ReLU;
+  bnorm::BatchNorm2d<float> bn(c.channels(), opt);
+  Map xm(d.x.data(), dims), ym(d.y.data(), dims), zm(z.data(), dims), dym(d.dy.data(), dims),
+      dxm(d.dx.data(), dims), dzm(dz.data(), dims);
+  for (auto _ : state) {
+    cold_start(state);
+    if (pass != "step_add_relu") {
+      fn::forward_training<float>(shape, d.x.data(), y, 1e-5, {d.weight.data(), d.bias.data()},
+                                  {d.mean.data(), d.invstd.data()},
+                                  {d.running_mean.data(), d.running_var.data(), 0.1}, ex,
+                                  {fused && add ? zp : nullptr, fused});
+      if (!fused) epilogue();
+    } else if (fused) {
+      if (dev) {
+        bn.forward_add(xm, zm, ym, *dev);
+        bn.backward_add(xm, dym, dxm, dzm, *dev);
+      } else {
+        bn.forward_add(xm, zm, ym);
+        bn.backward_add(xm, dym, dxm, dzm);
+      }
+    } else {
+      if (dev) bn.forward(xm, ym, *dev);
+      else bn.forward(xm, ym);
+      epilogue();
+      bnorm::detail::parallel_ranges(dev, c.size(), [&](Index i0, Index i1) {
+        for (Index i = i0; i < i1; ++i) dz[std::size_t(i)] = y[i] > 0 ? d.dy[std::size_t(i)] : 0.f;
+      });
+      if (dev) bn.backward(xm, dzm, dxm, *dev);
+      else bn.backward(xm, dzm, dxm);
+    }
+    benchmark::ClobberMemory();
+  }
+  // Tensors the fused pass moves: x, z, y; the step: also dy, dx, dz and x twice more.
+  report(state, c, pass == "fwd_relu" ? 2 : pass == "fwd_add_relu" ? 3 : 9);
+}
+
 void memcpy_bench(benchmark::State& state, const Case& c, int threads) {
   Data d(c);
   for (auto _ : state) {
@@ -679,6 +745,17 @@ void register_all(const std::vector<int>& thread_counts) {
           if (c.dims.size() == 4) benchmark::RegisterBenchmark(name.c_str(), naive_eigen<4>, c, layout);
         }
       }
+      // The fused epilogues against the unfused pair, on three ResNet shapes.
+      const std::string fused_shapes = " 32x64x56x56 32x256x14x14 32x2048x7x7 ";
+      if (fused_shapes.find(" " + shape + " ") != std::string::npos)
+        for (auto layout : {bnorm::Layout::ChannelsFirst, bnorm::Layout::ChannelsLast})
+          for (const char* pass : {"fwd_relu", "fwd_add_relu", "step_add_relu"})
+            for (bool fused : {true, false}) {
+              const std::string lname = layout == bnorm::Layout::ChannelsFirst ? "NCHW" : "NHWC";
+              benchmark::RegisterBenchmark(((fused ? "fused/" : "unfused/") + std::string(pass) +
+                                            "/" + lname + "/" + shape + threads).c_str(),
+                                           fused_bench, c, layout, std::string(pass), fused, t);
+            }
 #ifdef BNORM_HAVE_DNNL
       for (const char* layout : {"NCHW", "NHWC", "nChw16c"}) {
         if (c.dims.size() == 2 && std::string(layout) == "NHWC") continue;  // same as NCHW

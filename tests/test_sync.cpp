@@ -404,29 +404,45 @@ TEMPLATE_TEST_CASE("functional: local moments, merged in order, then applied, gi
   }
 }
 
-TEST_CASE("SyncBatchNorm on one rank is BatchNorm, bit for bit, Batch Renormalization included",
-          "[sync][renorm]") {
+TEST_CASE("SyncBatchNorm on one rank is BatchNorm, bit for bit, Batch Renormalization and the "
+          "fused add + ReLU included", "[sync][renorm][fused]") {
+  using Tensor = Eigen::Tensor<float, 4, Eigen::RowMajor>;
   ThreadGroup group(1);
   ThreadCommunicator comm(group, 0);
   for (bool renorm : {false, true}) {
-    bnorm::Options o;
-    o.layout = bnorm::Layout::ChannelsLast;
-    if (renorm) o.renorm = bnorm::Renorm{1.2, 0.3};
-    bnorm::SyncBatchNorm2d<float> synced(4, o, comm);
-    bnorm::BatchNorm2d<float> local(4, o);
-    const reference::Shape sh{3, 4, 10, bnorm::Layout::ChannelsLast};
-    for (int step = 0; step < 3; ++step) {
-      const auto x = testing::random_input<float>(sh), dy = testing::random_input<float>(sh, 1.0);
-      Eigen::TensorMap<const Eigen::Tensor<float, 4, Eigen::RowMajor>> xm(x.data(), 3, 2, 5, 4),
-          dym(dy.data(), 3, 2, 5, 4);
-      const Eigen::Tensor<float, 4, Eigen::RowMajor> y1 = synced.forward(xm), y2 = local.forward(xm);
-      const Eigen::Tensor<float, 4, Eigen::RowMajor> d1 = synced.backward(dym),
-                                                     d2 = local.backward(dym);
-      CAPTURE(renorm, step);
-      CHECK(std::equal(y1.data(), y1.data() + y1.size(), y2.data()));
-      CHECK(std::equal(d1.data(), d1.data() + d1.size(), d2.data()));
+    for (bool fused : {false, true}) {
+      bnorm::Options o;
+      o.layout = bnorm::Layout::ChannelsLast;
+      if (renorm) o.renorm = bnorm::Renorm{1.2, 0.3};
+      if (fused) o.activation = bnorm::Activation::ReLU;
+      bnorm::SyncBatchNorm2d<float> synced(4, o, comm);
+      bnorm::BatchNorm2d<float> local(4, o);
+      const reference::Shape sh{3, 4, 10, bnorm::Layout::ChannelsLast};
+      for (int step = 0; step < 3; ++step) {
+        const auto x = testing::random_input<float>(sh), dy = testing::random_input<float>(sh, 1.0);
+        const auto z = testing::random_vector<float>(sh.size(), -1, 1);
+        Eigen::TensorMap<const Tensor> xm(x.data(), 3, 2, 5, 4), dym(dy.data(), 3, 2, 5, 4),
+            zm(z.data(), 3, 2, 5, 4);
+        Tensor y1(3, 2, 5, 4), y2(3, 2, 5, 4), d1(3, 2, 5, 4), d2(3, 2, 5, 4), dz1(3, 2, 5, 4),
+            dz2(3, 2, 5, 4);
+        if (fused) {
+          synced.forward_add(xm, zm, y1);
+          local.forward_add(xm, zm, y2);
+          synced.backward_add(dym, d1, dz1);
+          local.backward_add(dym, d2, dz2);
+          CHECK(std::equal(dz1.data(), dz1.data() + dz1.size(), dz2.data()));
+        } else {
+          synced.forward(xm, y1);
+          local.forward(xm, y2);
+          synced.backward(dym, d1);
+          local.backward(dym, d2);
+        }
+        CAPTURE(renorm, fused, step);
+        CHECK(std::equal(y1.data(), y1.data() + y1.size(), y2.data()));
+        CHECK(std::equal(d1.data(), d1.data() + d1.size(), d2.data()));
+      }
+      CHECK(testing::values(synced.grad_weight()) == testing::values(local.grad_weight()));
+      CHECK(testing::values(synced.running_mean()) == testing::values(local.running_mean()));
     }
-    CHECK(testing::values(synced.grad_weight()) == testing::values(local.grad_weight()));
-    CHECK(testing::values(synced.running_mean()) == testing::values(local.running_mean()));
   }
 }

@@ -71,6 +71,39 @@ class BatchNorm
   Index num_features() const { return num_features_; }
   const Options& options() const { return options_; }
 
+  /// y = act(bn(x) + z), with act Options::activation, in the elementwise pass that writes y:
+  /// ResNet's residual add. z has x's dims and storage; y may be x or z. Otherwise forward's.
+  template <class X, class Z, class Y>
+  void forward_add(const X& x, const Z& z, Y&& y) {
+    forward_add_impl(x, z, y, nullptr);
+  }
+  template <class X, class Z, class Y>
+  void forward_add(const X& x, const Z& z, Y&& y, const Eigen::ThreadPoolDevice& device) {
+    forward_add_impl(x, z, y, &device);
+  }
+  /// After forward_add: dz, the gradient with respect to z (dy masked by the ReLU where there is
+  /// one), and dx, the batch norm's backward of dz; the parameters' gradients as backward's.
+  /// dz may be dy.
+  template <class DY, class DX, class DZ>
+  void backward_add(const DY& dy, DX&& dx, DZ&& dz) {
+    backward_add_impl(dy, dx, dz, nullptr);
+  }
+  template <class DY, class DX, class DZ>
+  void backward_add(const DY& dy, DX&& dx, DZ&& dz, const Eigen::ThreadPoolDevice& device) {
+    backward_add_impl(dy, dx, dz, &device);
+  }
+  /// The same, given the forward's input x again (as backward(x, dy, dx), for save_input = false).
+  template <class X, class DY, class DX, class DZ,
+            class = std::enable_if_t<!std::is_same_v<std::decay_t<DZ>, Eigen::ThreadPoolDevice>>>
+  void backward_add(const X& x, const DY& dy, DX&& dx, DZ&& dz) {
+    backward_add_impl(dy, dx, dz, nullptr, &x);
+  }
+  template <class X, class DY, class DX, class DZ>
+  void backward_add(const X& x, const DY& dy, DX&& dx, DZ&& dz,
+                    const Eigen::ThreadPoolDevice& device) {
+    backward_add_impl(dy, dx, dz, &device, &x);
+  }
+
   /// "BatchNorm1d", "BatchNorm2d" or "BatchNorm3d".
   static std::string name() { return "BatchNorm" + std::to_string(MaxRank - 2) + "d"; }
 
@@ -92,6 +125,39 @@ class BatchNorm
 
  private:
   using Base::fail;
+
+  /// Sets a pointer for the length of one call.
+  template <class P>
+  struct During {
+    P*& slot;
+    During(P*& s, P* value) : slot(s) { slot = value; }
+    ~During() { slot = nullptr; }
+  };
+
+  template <class X, class Z, class Y>
+  void forward_add_impl(const X& x, const Z& z, Y& y, const Eigen::ThreadPoolDevice* device) {
+    this->guarded(true, this->uses_batch_stats(), [&] { Base::check_like_input(x, z, "z"); });
+    const During<const Scalar> during(residual_, z.data());
+    if (device) Base::forward(x, y, *device);
+    else Base::forward(x, y);
+  }
+
+  /// x: the forward's input given again, or null (the module's copy).
+  template <class DY, class DX, class DZ, class X = DY>
+  void backward_add_impl(const DY& dy, DX& dx, DZ& dz, const Eigen::ThreadPoolDevice* device,
+                         const X* x = nullptr) {
+    this->guarded(false, false, [&] {
+      if (!saved_residual_)
+        throw std::logic_error("bnorm::" + name() + ": backward_add needs the last forward to "
+                               "be forward_add (backward gives the gradient of a forward)");
+      this->check_like_saved(dz, "dz");
+    });
+    const During<Scalar> during(residual_grad_, dz.data());
+    if (x && device) Base::backward(*x, dy, dx, *device);
+    else if (x) Base::backward(*x, dy, dx);
+    else if (device) Base::backward(dy, dx, *device);
+    else Base::backward(dy, dx);
+  }
 
   static std::string rank_expectation() {
     if (MinRank == MaxRank) return std::to_string(MinRank) + "D";
@@ -202,24 +268,29 @@ class BatchNorm
     // The calling thread's own workspace: nothing of the module is written.
     const functional::Execution<Scalar> ex{device, nullptr};
     const functional::Affine<Scalar> affine{params_.weight_ptr(), params_.bias_ptr()};
+    const functional::Fused<Scalar> fused{nullptr, relu()};
     if (batch_stats)
-      functional::forward_training<Scalar>(shape, x, y, options_.eps, affine, {}, {}, ex);
+      functional::forward_training<Scalar>(shape, x, y, options_.eps, affine, {}, {}, ex, fused);
     else
       functional::forward_inference<Scalar>(shape, x, y, options_.eps, affine,
-                                            running_.mean.data(), running_.var.data(), ex);
+                                            running_.mean.data(), running_.var.data(), ex, fused);
   }
+
+  bool relu() const { return options_.activation == Activation::ReLU; }
 
   void forward_kernel(const functional::Shape& shape, const Scalar* x, Scalar* y, Scalar* copy,
                       const functional::Execution<Scalar>& ex, bool batch_stats) {
     const functional::Affine<Scalar> affine{params_.weight_ptr(), params_.bias_ptr()};
+    const functional::Fused<Scalar> fused{residual_, relu()};
     saved_synced_ = syncing(batch_stats);
     saved_renorm_ = batch_stats && this->training_ && options_.renorm.has_value();
+    saved_residual_ = residual_ != nullptr;
     if (saved_synced_) {
       synced_forward(shape, x, y, copy, ex);
     } else if (!batch_stats) {
       functional::detail::forward_inference(shape, x, y, options_.eps, affine,
                                             running_.mean.data(), running_.var.data(), ex, copy,
-                                            saved_invstd_.data());
+                                            saved_invstd_.data(), fused);
       for (Index c = 0; c < num_features_; ++c)
         saved_mean_[std::size_t(c)] = double(running_.mean(c));
     } else if (ghost(shape, batch_stats)) {
@@ -233,9 +304,10 @@ class BatchNorm
                    options_.running_variance == RunningVariance::Unbiased};
       functional::detail::forward_training(shape, x, y, options_.eps, affine,
                                            {nullptr, saved_invstd_.data()}, running, ex, copy,
-                                           saved_mean_.data(), renormalize());
+                                           saved_mean_.data(), renormalize(), fused);
       if (update) ++running_.num_batches_tracked;
     }
+    if (relu()) save_mask(y, shape.size(), ex.device);
     if (!ghost(shape, batch_stats)) saved_chunks_ = 1;
     saved_kind_ = batch_stats ? functional::Statistics::Batch : functional::Statistics::Frozen;
   }
@@ -247,6 +319,13 @@ class BatchNorm
     const Scalar* weight = saved_renorm_ ? renorm_weight() : params_.weight_ptr();
     Scalar* gw = params_.step_weight_ptr();
     Scalar* gb = params_.step_bias_ptr();
+    // A fused ReLU's gradient, dy where the output was positive, else 0, goes to dz (backward_add)
+    // or to dx, and is then the batch norm's dy.
+    if (relu() || residual_grad_) {
+      Scalar* masked = residual_grad_ ? residual_grad_ : dx;
+      mask_gradient(dy, masked, shape.size(), ex.device);
+      dy = masked;
+    }
     if (saved_synced_) {
       sync_.backward(shape, dy, x, dx, saved_mean_.data(), saved_invstd_.data(), weight, gw, gb,
                      ex);
@@ -262,6 +341,36 @@ class BatchNorm
         gw[c] = Scalar(saved_r_[i] * double(gw[c]) + saved_d_[i] * double(gb[c]));
       }
     params_.accumulate();
+  }
+
+  /// Where the output was positive, one byte per value: the fused ReLU's gradient mask.
+  void save_mask(const Scalar* y, Index n, const Eigen::ThreadPoolDevice* device) {
+    saved_mask_.resize(std::size_t(n));
+    std::uint8_t* mask = saved_mask_.data();
+    detail::parallel_ranges(device, n, [&](Index i0, Index i1) { mask_of(y + i0, mask + i0, i1 - i0); });
+  }
+
+  /// out = dy where the ReLU passed its input (all of it without ReLU), else 0; out may be dy.
+  void mask_gradient(const Scalar* dy, Scalar* out, Index n,
+                     const Eigen::ThreadPoolDevice* device) const {
+    const std::uint8_t* mask = saved_mask_.data();
+    const bool copy = !relu();
+    detail::parallel_ranges(device, n, [&](Index i0, Index i1) {
+      if (copy) std::copy(dy + i0, dy + i1, out + i0);
+      else masked(dy + i0, mask + i0, out + i0, i1 - i0);
+    });
+  }
+
+  // Written so that they vectorize: restrict, since a byte may alias anything, and dy loaded
+  // whatever the mask (a load under a condition is a branch per value).
+  static void mask_of(const Scalar* y, std::uint8_t* __restrict mask, Index n) {
+    for (Index i = 0; i < n; ++i) mask[i] = y[i] > Scalar(0);
+  }
+  static void masked(const Scalar* dy, const std::uint8_t* __restrict mask, Scalar* out, Index n) {
+    for (Index i = 0; i < n; ++i) {
+      const Scalar v = dy[i];
+      out[i] = mask[i] ? v : Scalar(0);
+    }
   }
 
   /// Batch Renormalization's part of a training forward, or none.
@@ -296,7 +405,8 @@ class BatchNorm
     functional::detail::forward_from_moments(
         shape, sync_.totals(), x, y, options_.eps,
         functional::Affine<Scalar>{params_.weight_ptr(), params_.bias_ptr()},
-        {nullptr, saved_invstd_.data()}, running, ex, copy, saved_mean_.data(), renormalize());
+        {nullptr, saved_invstd_.data()}, running, ex, copy, saved_mean_.data(), renormalize(),
+        {residual_, relu()});
     if (options_.track_running_stats) ++running_.num_batches_tracked;
   }
 
@@ -330,7 +440,8 @@ class BatchNorm
                                            {nullptr, saved_invstd_.data() + k * C},
                                            update ? own : functional::Running<Scalar>{}, ex,
                                            copy ? copy + off : nullptr,
-                                           saved_mean_.data() + k * C);
+                                           saved_mean_.data() + k * C, {},
+                                           {residual_ ? residual_ + off : nullptr, relu()});
       for (Index c = 0; c < C; ++c) {
         sums[std::size_t(c)] += saved_mean_[std::size_t(k * C + c)];
         sums[std::size_t(C + c)] += double(ghost_scratch_[std::size_t(C + c)]);
@@ -384,6 +495,11 @@ class BatchNorm
   Index saved_chunks_ = 1;
   bool saved_synced_ = false;  // with the statistics of every rank's batch: backward merges too
   bool saved_renorm_ = false;  // with Batch Renormalization's r and d, per channel
+  bool saved_residual_ = false;  // a forward_add
+  std::vector<std::uint8_t> saved_mask_;  // with ReLU: where the output was positive
+  // During forward_add / backward_add: the residual z, and where its gradient goes.
+  const Scalar* residual_ = nullptr;
+  Scalar* residual_grad_ = nullptr;
   std::vector<double> saved_r_, saved_d_;
   std::vector<Scalar> renorm_weight_;
   detail::BatchSync<Scalar> sync_;  // inactive but in SyncBatchNorm

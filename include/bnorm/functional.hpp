@@ -56,6 +56,15 @@ struct Running {
   bool unbiased = true;  ///< false: the running variance averages the biased batch variance
 };
 
+/// What a forward's elementwise pass adds to the normalized value, in the same pass:
+/// y = act(bn(x) + residual), act = ReLU (max(v, 0), NaN kept) where relu is set. residual: a
+/// tensor of x's shape (ResNet's skip connection); null: none.
+template <class T>
+struct Fused {
+  const T* residual = nullptr;
+  bool relu = false;
+};
+
 /// Scratch memory of the kernels; keep one per caller to make calls allocation-free.
 template <class T>
 using Workspace = detail::Workspace<T>;
@@ -87,6 +96,16 @@ bnorm::detail::Workspace<T>& workspace(const Execution<T>& ex) {
   if (ex.workspace) return *ex.workspace;
   thread_local bnorm::detail::Workspace<T> own;
   return own;
+}
+
+/// The elementwise pass's streams: its inputs (Op's), output and copy of x.
+template <int K, class T>
+bnorm::detail::Streams<T, K> streams(const T* const* in, T* out, T* copy) {
+  bnorm::detail::Streams<T, K> s{};
+  for (int j = 0; j < K; ++j) s.in[j] = in[j];
+  s.out = out;
+  s.copy = copy;
+  return s;
 }
 
 [[noreturn]] inline void fail(const std::string& what) {
@@ -187,7 +206,8 @@ struct TrainingFinish {
 template <class T>
 void forward_training(const Shape& shape, const T* x, T* y, double eps, Affine<T> affine,
                       BatchStats<T> stats, Running<T> running, const Execution<T>& ex,
-                      T* copy_of_x, double* mean_exact, Renormalize<T> renorm = {}) {
+                      T* copy_of_x, double* mean_exact, Renormalize<T> renorm = {},
+                      Fused<T> fused = {}) {
   check_shape(shape);
   check_eps(eps);
   if (running.mean || running.var) check_momentum(running.momentum);
@@ -198,17 +218,21 @@ void forward_training(const Shape& shape, const T* x, T* y, double eps, Affine<T
   if (n < 2)
     fail("expected more than 1 value per channel when training, got " + std::to_string(n));
 
-  const T* in[] = {x};
-  bnorm::detail::reduce_then_apply<bnorm::detail::NormalizeOp, void>(
-      geometry(shape), in, nullptr, bnorm::detail::merge_moments,
-      TrainingFinish<T>{shape.channels, eps, affine, stats, running, mean_exact, renorm},
-      bnorm::detail::Streams<T, 1>{{x}, y, copy_of_x}, workspace(ex), ex.device);
+  const T* reduce_in[] = {x};
+  const TrainingFinish<T> finish{shape.channels, eps, affine, stats, running, mean_exact, renorm};
+  bnorm::detail::with_epilogue<bnorm::detail::NormalizeOp>(
+      x, fused.residual, fused.relu, [&](auto op, const T* const* in) {
+        using Op = decltype(op);
+        bnorm::detail::reduce_then_apply<Op, void>(
+            geometry(shape), reduce_in, nullptr, bnorm::detail::merge_moments, finish,
+            streams<Op::kInputs>(in, y, copy_of_x), workspace(ex), ex.device);
+      });
 }
 /// invstd_out: receives 1 / sqrt(var + eps) per channel; may be null.
 template <class T>
 void forward_inference(const Shape& shape, const T* x, T* y, double eps, Affine<T> affine,
                        const T* mean, const T* var, const Execution<T>& ex, T* copy_of_x,
-                       T* invstd_out) {
+                       T* invstd_out, Fused<T> fused = {}) {
   check_shape(shape);
   check_eps(eps);
   if (shape.size() == 0) return;
@@ -233,8 +257,12 @@ void forward_inference(const Shape& shape, const T* x, T* y, double eps, Affine<
     if (invstd_out)
       for (Index j = 0; j < n; ++j) invstd_out[c0 + j] = T(invstd[j]);
   }
-  bnorm::detail::apply_all<bnorm::detail::ScaleShiftOp>(
-      geometry(shape), bnorm::detail::Streams<T, 1>{{x}, y, copy_of_x}, ws, ex.device);
+  bnorm::detail::with_epilogue<bnorm::detail::ScaleShiftOp>(
+      x, fused.residual, fused.relu, [&](auto op, const T* const* in) {
+        using Op = decltype(op);
+        bnorm::detail::apply_all<Op>(geometry(shape), streams<Op::kInputs>(in, y, copy_of_x), ws,
+                                     ex.device);
+      });
 }
 
 /// The parameters' gradients of channels [c0, c0 + n) from their gradient sums (each output may
@@ -332,16 +360,18 @@ void backward(const Shape& shape, const T* dy, const T* x, T* dx, Statistics kin
 template <class T>
 void forward_training(const Shape& shape, const T* x, T* y, double eps, Affine<T> affine = {},
                       BatchStats<T> stats = {}, Running<T> running = {},
-                      const Execution<T>& ex = {}) {
-  detail::forward_training<T>(shape, x, y, eps, affine, stats, running, ex, nullptr, nullptr);
+                      const Execution<T>& ex = {}, Fused<T> fused = {}) {
+  detail::forward_training<T>(shape, x, y, eps, affine, stats, running, ex, nullptr, nullptr, {},
+                              fused);
 }
 
 /// Inference forward: normalizes x into y with the given statistics (usually the running ones),
 /// folded with weight and bias into one scale and shift per channel. y may be x.
 template <class T>
 void forward_inference(const Shape& shape, const T* x, T* y, double eps, Affine<T> affine,
-                       const T* mean, const T* var, const Execution<T>& ex = {}) {
-  detail::forward_inference<T>(shape, x, y, eps, affine, mean, var, ex, nullptr, nullptr);
+                       const T* mean, const T* var, const Execution<T>& ex = {},
+                       Fused<T> fused = {}) {
+  detail::forward_inference<T>(shape, x, y, eps, affine, mean, var, ex, nullptr, nullptr, fused);
 }
 
 /// Backward: dx from dy, and the parameter gradients (OVERWRITTEN, each may be null):

@@ -73,7 +73,7 @@ template <class T>
 void forward_from_moments(const Shape& shape, const Partial* total, const T* x, T* y, double eps,
                           Affine<T> affine, BatchStats<T> stats, Running<T> running,
                           const Execution<T>& ex, T* copy_of_x, double* mean_exact,
-                          Renormalize<T> renorm = {}) {
+                          Renormalize<T> renorm = {}, Fused<T> fused = {}) {
   using namespace bnorm::detail;
   check_shape(shape);
   check_eps(eps);
@@ -93,8 +93,11 @@ void forward_from_moments(const Shape& shape, const Partial* total, const T* x, 
   const TrainingFinish<T> finish{C, eps, affine, stats, running, mean_exact, renorm};
   for (Index c0 = 0; c0 < C; c0 += kFinishBatch)
     finish(c0, std::min(kFinishBatch, C - c0), total + c0, ws.coefs.data());
-  if (shape.size() > 0)
-    apply_all<NormalizeOp>(geometry(shape), Streams<T, 1>{{x}, y, copy_of_x}, ws, ex.device);
+  if (shape.size() == 0) return;
+  with_epilogue<NormalizeOp>(x, fused.residual, fused.relu, [&](auto op, const T* const* in) {
+    using Op = decltype(op);
+    apply_all<Op>(geometry(shape), streams<Op::kInputs>(in, y, copy_of_x), ws, ex.device);
+  });
 }
 
 /// Step 1 of a backward: each channel's sum(dy) and sum(dy * (x - mean)).
@@ -162,13 +165,14 @@ void local_moments(const Shape& shape, const T* x, Moments* out, const Execution
 template <class T>
 void forward_from_moments(const Shape& shape, const Moments* total, const T* x, T* y, double eps,
                           Affine<T> affine = {}, BatchStats<T> stats = {},
-                          Running<T> running = {}, const Execution<T>& ex = {}) {
+                          Running<T> running = {}, const Execution<T>& ex = {},
+                          Fused<T> fused = {}) {
   detail::check_pointer(total, "total");
   auto& ws = detail::workspace(ex);
   ws.partials_out.resize(std::size_t(std::max<Index>(shape.channels, 0)));
   std::transform(total, total + ws.partials_out.size(), ws.partials_out.begin(), detail::partial);
   detail::forward_from_moments<T>(shape, ws.partials_out.data(), x, y, eps, affine, stats,
-                                  running, ex, nullptr, nullptr);
+                                  running, ex, nullptr, nullptr, {}, fused);
 }
 
 /// Step 1 of a backward: out[c] = this shard's sums of channel c, about `mean`, the mean the

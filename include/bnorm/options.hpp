@@ -13,6 +13,13 @@ enum class Layout {
   ChannelsLast,   ///< C last: (N,C), (N,L,C), (N,H,W,C), (N,D,H,W,C)
 };
 
+/// The activation a batch norm's forward applies to its output in the same pass (and its
+/// backward differentiates).
+enum class Activation {
+  None,
+  ReLU,  ///< max(y, 0); its gradient at exactly 0 is 0, as PyTorch's
+};
+
 /// Which batch variance the running variance averages.
 enum class RunningVariance {
   Unbiased,  ///< var * n / (n - 1): PyTorch's
@@ -55,6 +62,8 @@ struct Options {
   /// once per forward, toward the plain mean over the chunks of their means and variances.
   /// 0: off. Must be >= 0.
   std::ptrdiff_t virtual_batch_size = 0;
+  /// Applied to the output by forward, forward_add and infer (see Activation).
+  Activation activation = Activation::None;
   /// Batch Renormalization's bounds; std::nullopt: off. Needs track_running_stats; not with
   /// virtual_batch_size.
   std::optional<Renorm> renorm;

@@ -39,6 +39,16 @@ bool exercise(const Eigen::array<Eigen::Index, std::size_t(Rank)>& dims, bnorm::
   std::vector<Scalar> layer_weight(std::size_t(channels) * 3, Scalar(1)),
       layer_bias(std::size_t(channels), Scalar(0));
   bnorm::fold_into_previous(bn, layer_weight.data(), 3, layer_bias.data());
+  // The fused residual add and ReLU.
+  bnorm::Options fused_options = options;
+  fused_options.activation = bnorm::Activation::ReLU;
+  Module fused(channels, fused_options);
+  fused.forward_add(x, dy, y);
+  fused.forward_add(x, dy, y, device);
+  if (save_input) {
+    fused.backward_add(dy, dx, y);
+    fused.backward_add(dy, dx, y, device);
+  }
   bn.set_num_batches_tracked(bn.num_batches_tracked());
   bn.zero_grad();
   bn.reset_parameters();
@@ -62,6 +72,9 @@ bool functional_calls(const Eigen::ThreadPoolDevice& device) {
                                {running_mean.data(), running_var.data(), 0.1}, ex);
   fn::forward_inference<Scalar>(shape, x.data(), y.data(), 1e-5, {weight.data(), bias.data()},
                                 running_mean.data(), running_var.data(), ex);
+  fn::forward_inference<Scalar>(shape, x.data(), dx.data(), 1e-5, {weight.data(), bias.data()},
+                                running_mean.data(), running_var.data(), ex, {y.data(), true});
+  fn::forward_training<Scalar>(shape, x.data(), dx.data(), 1e-5, {}, {}, {}, ex, {y.data(), false});
   for (auto kind : {fn::Statistics::Batch, fn::Statistics::Frozen})
     fn::backward<Scalar>(shape, y.data(), x.data(), dx.data(), kind, mean.data(), invstd.data(),
                          weight.data(), grad.data(), grad.data(), ex);

@@ -247,6 +247,52 @@ class Module {
   bool training_ = true;
   functional::Workspace<Scalar> workspace_;
 
+  /// Runs checks(), telling Derived where they fail.
+  template <class Checks>
+  void guarded(bool forward, bool batch_stats, const Checks& checks) {
+    try {
+      checks();
+    } catch (...) {
+      self().rejected(forward, batch_stats);
+      throw;
+    }
+  }
+
+  /// Checks that t (dy, dx or x) has the last forward's input shape and storage order.
+  template <class Z>
+  void check_like_saved(const Z& t, const char* what) const {
+    check_type<Z>();
+    if (!saved_)
+      throw std::logic_error("bnorm::" + Derived::name() + ": backward called before any forward");
+    const auto dims = ArgTraits<Z>::dims(t);
+    if (!std::equal(dims.begin(), dims.end(), saved_dims_.begin(), saved_dims_.end())) {
+      std::string want = "[";
+      for (std::size_t i = 0; i < saved_dims_.size(); ++i)
+        want += (i ? ", " : "") + std::to_string(saved_dims_[i]);
+      fail(std::string("expected ") + what + " of the last forward's input shape " + want +
+           "], got " + dims_string(dims));
+    }
+    if (column_major<Z>() != saved_column_major_)
+      fail(std::string("expected ") + what + " stored like the last forward's input (" +
+           storage_name(saved_column_major_) + "), got " + storage_name(column_major<Z>()));
+    if constexpr (ArgTraits<Z>::is_matrix) check_contiguous(t, what);
+  }
+
+  /// Checks that z (forward_add's residual) has x's type, rank, dims and storage order.
+  template <class X, class Z>
+  static void check_like_input(const X& x, const Z& z, const char* what) {
+    check_type<Z>();
+    static_assert(ArgTraits<Z>::rank == ArgTraits<X>::rank, "bnorm: the residual's rank differs "
+                                                            "from the input's");
+    static_assert(column_major<X>() == column_major<Z>(),
+                  "bnorm: the residual must be stored in the input's order");
+    if (ArgTraits<Z>::dims(z) != ArgTraits<X>::dims(x))
+      fail(std::string("expected ") + what + " of the input's shape " +
+           dims_string(ArgTraits<X>::dims(x)) + ", got " + dims_string(ArgTraits<Z>::dims(z)));
+    if constexpr (ArgTraits<Z>::is_matrix) check_contiguous(z, what);
+  }
+
+
  private:
   Derived& self() { return static_cast<Derived&>(*this); }
   const Derived& self() const { return static_cast<const Derived&>(*this); }
@@ -318,17 +364,6 @@ class Module {
     return y;
   }
 
-  /// Runs checks(), telling Derived where they fail.
-  template <class Checks>
-  void guarded(bool forward, bool batch_stats, const Checks& checks) {
-    try {
-      checks();
-    } catch (...) {
-      self().rejected(forward, batch_stats);
-      throw;
-    }
-  }
-
   template <class X, class Y>
   void forward_impl(const X& x, Y& y, const Eigen::ThreadPoolDevice* device) {
     const bool batch_stats = self().uses_batch_stats();
@@ -372,26 +407,6 @@ class Module {
     auto dx = ArgTraits<DY>::make_like(dy);
     backward_impl(dy, dx, device);
     return dx;
-  }
-
-  /// Checks that t (dy, dx or x) has the last forward's input shape and storage order.
-  template <class Z>
-  void check_like_saved(const Z& t, const char* what) const {
-    check_type<Z>();
-    if (!saved_)
-      throw std::logic_error("bnorm::" + Derived::name() + ": backward called before any forward");
-    const auto dims = ArgTraits<Z>::dims(t);
-    if (!std::equal(dims.begin(), dims.end(), saved_dims_.begin(), saved_dims_.end())) {
-      std::string want = "[";
-      for (std::size_t i = 0; i < saved_dims_.size(); ++i)
-        want += (i ? ", " : "") + std::to_string(saved_dims_[i]);
-      fail(std::string("expected ") + what + " of the last forward's input shape " + want +
-           "], got " + dims_string(dims));
-    }
-    if (column_major<Z>() != saved_column_major_)
-      fail(std::string("expected ") + what + " stored like the last forward's input (" +
-           storage_name(saved_column_major_) + "), got " + storage_name(column_major<Z>()));
-    if constexpr (ArgTraits<Z>::is_matrix) check_contiguous(t, what);
   }
 
   template <class DY, class DX>

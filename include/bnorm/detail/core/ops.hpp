@@ -50,6 +50,36 @@ struct InputGradOp {
   }
 };
 
+/// Op followed by a forward's fused epilogue: + z, a residual of x's shape (one more input,
+/// after Op's), then ReLU, max(v, 0) with NaN kept (as PyTorch's relu).
+template <class Op, bool kAdd, bool kRelu>
+struct EpilogueOp {
+  static constexpr int kInputs = Op::kInputs + (kAdd ? 1 : 0), kCoefs = Op::kCoefs;
+  template <class P>
+  static P apply(const P* in, const P* k) {
+    P v = Op::apply(in, k);
+    if constexpr (kAdd) v = ei::padd(v, in[Op::kInputs]);
+    if constexpr (kRelu) v = ei::pmax<Eigen::PropagateNaN>(v, ei::pzero(v));
+    return v;
+  }
+};
+
+/// Runs fn with Op wrapped in the epilogue that `residual` (null: none) and `relu` ask for, and
+/// the inputs it reads: x, then the residual where there is one.
+template <class Op, class T, class Fn>
+void with_epilogue(const T* x, const T* residual, bool relu, const Fn& fn) {
+  static_assert(Op::kInputs == 1, "the epilogue follows a one-input Op");
+  if (residual) {
+    const T* in[] = {x, residual};
+    if (relu) fn(EpilogueOp<Op, true, true>{}, in);
+    else fn(EpilogueOp<Op, true, false>{}, in);
+  } else {
+    const T* in[] = {x};
+    if (relu) fn(EpilogueOp<Op, false, true>{}, in);
+    else fn(Op{}, in);
+  }
+}
+
 /// The Op of a call that only reduces: finish() receives the totals and no elementwise pass
 /// runs (statistics merged elsewhere before they are applied, as across processes).
 struct ReduceOnly {
