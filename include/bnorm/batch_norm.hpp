@@ -288,9 +288,9 @@ class BatchNorm
     if (saved_synced_) {
       synced_forward(shape, x, y, copy, ex);
     } else if (!batch_stats) {
-      functional::detail::forward_inference(shape, x, y, options_.eps, affine,
-                                            running_.mean.data(), running_.var.data(), ex, copy,
-                                            saved_invstd_.data(), fused);
+      functional::detail::forward_inference<Scalar, true>(
+          shape, x, y, options_.eps, affine, running_.mean.data(), running_.var.data(), ex, copy,
+          saved_invstd_.data(), fused);
       for (Index c = 0; c < num_features_; ++c)
         saved_mean_[std::size_t(c)] = double(running_.mean(c));
     } else if (ghost(shape, batch_stats)) {
@@ -302,9 +302,9 @@ class BatchNorm
         running = {running_.mean.data(), running_.var.data(),
                    running_.momentum_for(options_.momentum),
                    options_.running_variance == RunningVariance::Unbiased};
-      functional::detail::forward_training(shape, x, y, options_.eps, affine,
-                                           {nullptr, saved_invstd_.data()}, running, ex, copy,
-                                           saved_mean_.data(), renormalize(), fused);
+      functional::detail::forward_training<Scalar, true>(
+          shape, x, y, options_.eps, affine, {nullptr, saved_invstd_.data()}, running, ex, copy,
+          saved_mean_.data(), renormalize(), fused);
       if (update) ++running_.num_batches_tracked;
     }
     if (relu()) save_mask(y, shape.size(), ex.device);
@@ -402,7 +402,7 @@ class BatchNorm
       running = {running_.mean.data(), running_.var.data(),
                  running_.momentum_for(options_.momentum),
                  options_.running_variance == RunningVariance::Unbiased};
-    functional::detail::forward_from_moments(
+    functional::detail::forward_from_moments<Scalar, true>(
         shape, sync_.totals(), x, y, options_.eps,
         functional::Affine<Scalar>{params_.weight_ptr(), params_.bias_ptr()},
         {nullptr, saved_invstd_.data()}, running, ex, copy, saved_mean_.data(), renormalize(),
@@ -436,12 +436,11 @@ class BatchNorm
       const functional::Running<Scalar> own{nullptr, ghost_scratch_.data() + C, 1.0,
                                             options_.running_variance ==
                                                 RunningVariance::Unbiased};
-      functional::detail::forward_training(chunk(shape, k), x + off, y + off, options_.eps, affine,
-                                           {nullptr, saved_invstd_.data() + k * C},
-                                           update ? own : functional::Running<Scalar>{}, ex,
-                                           copy ? copy + off : nullptr,
-                                           saved_mean_.data() + k * C, {},
-                                           {residual_ ? residual_ + off : nullptr, relu()});
+      functional::detail::forward_training<Scalar, true>(
+          chunk(shape, k), x + off, y + off, options_.eps, affine,
+          {nullptr, saved_invstd_.data() + k * C}, update ? own : functional::Running<Scalar>{},
+          ex, copy ? copy + off : nullptr, saved_mean_.data() + k * C, {},
+          {residual_ ? residual_ + off : nullptr, relu()});
       for (Index c = 0; c < C; ++c) {
         sums[std::size_t(c)] += saved_mean_[std::size_t(k * C + c)];
         sums[std::size_t(C + c)] += double(ghost_scratch_[std::size_t(C + c)]);

@@ -85,6 +85,7 @@ enum class Statistics {
 namespace detail {
 
 using bnorm::detail::Geometry;
+using bnorm::detail::Partial;
 
 inline Geometry geometry(const Shape& s) {
   if (s.layout == Layout::ChannelsFirst) return {s.batch, s.channels, s.spatial};
@@ -201,9 +202,133 @@ struct TrainingFinish {
   }
 };
 
+/// The parameters' gradients of channels [c0, c0 + n) from their gradient sums (each output may
+/// be null): grad_bias = sum(dy), grad_weight = sum(dy * (x - mean)) * invstd.
+template <class T>
+void parameter_grads(Index c0, Index n, const bnorm::detail::Partial* sums, const T* invstd,
+                     T* grad_weight, T* grad_bias) {
+  if (grad_bias)
+    for (Index j = 0; j < n; ++j) grad_bias[c0 + j] = T(sums[j].a);
+  if (grad_weight)
+    for (Index j = 0; j < n; ++j) grad_weight[c0 + j] = T(sums[j].b * double(invstd[c0 + j]));
+}
+
+/// InputGradOp's coefficients of channels [c0, c0 + n) of C from their gradient sums over
+/// `count` values each, with batch statistics.
+template <class T>
+void input_grad_coefs(Index C, Index c0, Index n, const bnorm::detail::Partial* sums,
+                      double count, const double* mean, const T* invstd, const T* weight,
+                      T* coef) {
+  for (Index j = 0; j < n; ++j) {
+    const Index c = c0 + j;
+    const double is = double(invstd[c]), k = (weight ? double(weight[c]) : 1.0) * is;
+    const auto mean_t = bnorm::detail::split_mean<T>(bnorm::detail::Partial{1, 0, 0, mean[c]});
+    const double slope = -k * is * is * sums[j].b / count;
+    coef[c] = T(k);
+    coef[C + c] = mean_t.high;
+    coef[2 * C + c] = T(slope);
+    coef[3 * C + c] = T(-k * sums[j].a / count - mean_t.low * slope);
+  }
+}
+
+/// Step 1 of a training forward: the moments of each channel of x (zero counts for no values).
+template <class T>
+void local_moments(const Shape& shape, const T* x, Partial* out, const Execution<T>& ex) {
+  using namespace bnorm::detail;
+  check_shape(shape);
+  if (shape.size() == 0) {
+    std::fill(out, out + shape.channels, Partial{});
+    return;
+  }
+  check_pointer(x, "x");
+  const T* in[] = {x};
+  auto keep = [out](Index c0, Index n, const Partial* m, T*) { std::copy(m, m + n, out + c0); };
+  reduce_then_apply<ReduceOnly, void>(geometry(shape), in, nullptr, merge_moments, keep,
+                                      Streams<T, 1>{{x}, nullptr}, workspace(ex), ex.device);
+}
+
+/// Step 3 of a training forward: x normalized with the moments `total` (C of them, over more
+/// than one value each), with what forward_training writes beside y.
+template <class T, bool kFused = false>
+void forward_from_moments(const Shape& shape, const Partial* total, const T* x, T* y, double eps,
+                          Affine<T> affine, BatchStats<T> stats, Running<T> running,
+                          const Execution<T>& ex, T* copy_of_x, double* mean_exact,
+                          Renormalize<T> renorm = {}, Fused<T> fused = {}) {
+  using namespace bnorm::detail;
+  check_shape(shape);
+  check_eps(eps);
+  if (running.mean || running.var) check_momentum(running.momentum);
+  check_pointer(total, "total");
+  const Index C = shape.channels;
+  for (Index c = 0; c < C; ++c)
+    if (!(total[c].n >= 2))
+      fail("expected merged moments over more than 1 value per channel when training, got " +
+           std::to_string(total[c].n) + " in channel " + std::to_string(c));
+  if (shape.size() > 0) {
+    check_pointer(x, "x");
+    check_pointer(y, "y");
+  }
+  auto& ws = workspace(ex);
+  ws.coefs.resize(std::size_t(NormalizeOp::kCoefs * C));
+  const TrainingFinish<T> finish{C, eps, affine, stats, running, mean_exact, renorm};
+  for (Index c0 = 0; c0 < C; c0 += kFinishBatch)
+    finish(c0, std::min(kFinishBatch, C - c0), total + c0, ws.coefs.data());
+  if (shape.size() == 0) return;
+  if constexpr (kFused) {
+    with_epilogue<NormalizeOp>(x, fused.residual, fused.relu, [&](auto op, const T* const* in) {
+      using Op = decltype(op);
+      apply_all<Op>(geometry(shape), streams<Op::kInputs>(in, y, copy_of_x), ws, ex.device);
+    });
+  } else {
+    apply_all<NormalizeOp>(geometry(shape), Streams<T, 1>{{x}, y, copy_of_x}, ws, ex.device);
+  }
+}
+
+/// Step 1 of a backward: each channel's sum(dy) and sum(dy * (x - mean)).
+template <class T>
+void local_gradient_sums(const Shape& shape, const T* dy, const T* x, const double* mean,
+                         Partial* out, const Execution<T>& ex) {
+  using namespace bnorm::detail;
+  check_shape(shape);
+  if (shape.size() == 0) {
+    std::fill(out, out + shape.channels, Partial{});
+    return;
+  }
+  check_pointer(dy, "dy");
+  check_pointer(x, "x");
+  check_pointer(mean, "mean");
+  const T* in[] = {dy, x};
+  auto keep = [out](Index c0, Index n, const Partial* m, T*) { std::copy(m, m + n, out + c0); };
+  reduce_then_apply<ReduceOnly, bnorm::detail::GradientSums>(
+      geometry(shape), in, mean, merge_sums, keep, Streams<T, 1>{{dy}, nullptr}, workspace(ex),
+      ex.device);
+}
+
+/// Step 3 of a backward: dx from the sums `total` over `count` values per channel.
+template <class T>
+void backward_from_sums(const Shape& shape, const Partial* total, double count, const T* dy,
+                        const T* x, T* dx, const double* mean, const T* invstd, const T* weight,
+                        const Execution<T>& ex) {
+  using namespace bnorm::detail;
+  check_shape(shape);
+  if (shape.size() == 0) return;
+  check_pointer(total, "total");
+  check_pointer(dy, "dy");
+  check_pointer(x, "x");
+  check_pointer(dx, "dx");
+  check_pointer(mean, "mean");
+  check_pointer(invstd, "invstd");
+  const Index C = shape.channels;
+  auto& ws = workspace(ex);
+  ws.coefs.resize(std::size_t(InputGradOp::kCoefs * C));
+  input_grad_coefs(C, 0, C, total, count, mean, invstd, weight, ws.coefs.data());
+  apply_all<InputGradOp>(geometry(shape), Streams<T, 2>{{dy, x}, dx}, ws, ex.device);
+}
+
 /// copy_of_x: receives a copy of x (the module keeps it for backward); mean_exact: receives
 /// the batch mean before rounding to T. Both may be null.
-template <class T>
+/// kFused: compiled with the epilogues of `fused` (see forward_from_moments).
+template <class T, bool kFused = false>
 void forward_training(const Shape& shape, const T* x, T* y, double eps, Affine<T> affine,
                       BatchStats<T> stats, Running<T> running, const Execution<T>& ex,
                       T* copy_of_x, double* mean_exact, Renormalize<T> renorm = {},
@@ -218,18 +343,26 @@ void forward_training(const Shape& shape, const T* x, T* y, double eps, Affine<T
   if (n < 2)
     fail("expected more than 1 value per channel when training, got " + std::to_string(n));
 
-  const T* reduce_in[] = {x};
-  const TrainingFinish<T> finish{shape.channels, eps, affine, stats, running, mean_exact, renorm};
-  bnorm::detail::with_epilogue<bnorm::detail::NormalizeOp>(
-      x, fused.residual, fused.relu, [&](auto op, const T* const* in) {
-        using Op = decltype(op);
-        bnorm::detail::reduce_then_apply<Op, void>(
-            geometry(shape), reduce_in, nullptr, bnorm::detail::merge_moments, finish,
-            streams<Op::kInputs>(in, y, copy_of_x), workspace(ex), ex.device);
-      });
+  if constexpr (kFused) {
+    if (fused.residual || fused.relu) {
+      // The steps one by one, so that only the elementwise pass is compiled once per epilogue
+      // (the fused reduction and pass of every epilogue doubled the module's compile time).
+      auto& ws = workspace(ex);
+      ws.partials_out.resize(std::size_t(shape.channels));
+      local_moments(shape, x, ws.partials_out.data(), ex);
+      forward_from_moments<T, true>(shape, ws.partials_out.data(), x, y, eps, affine, stats,
+                                    running, ex, copy_of_x, mean_exact, renorm, fused);
+      return;
+    }
+  }
+  const T* in[] = {x};
+  bnorm::detail::reduce_then_apply<bnorm::detail::NormalizeOp, void>(
+      geometry(shape), in, nullptr, bnorm::detail::merge_moments,
+      TrainingFinish<T>{shape.channels, eps, affine, stats, running, mean_exact, renorm},
+      bnorm::detail::Streams<T, 1>{{x}, y, copy_of_x}, workspace(ex), ex.device);
 }
 /// invstd_out: receives 1 / sqrt(var + eps) per channel; may be null.
-template <class T>
+template <class T, bool kFused = false>
 void forward_inference(const Shape& shape, const T* x, T* y, double eps, Affine<T> affine,
                        const T* mean, const T* var, const Execution<T>& ex, T* copy_of_x,
                        T* invstd_out, Fused<T> fused = {}) {
@@ -257,40 +390,16 @@ void forward_inference(const Shape& shape, const T* x, T* y, double eps, Affine<
     if (invstd_out)
       for (Index j = 0; j < n; ++j) invstd_out[c0 + j] = T(invstd[j]);
   }
-  bnorm::detail::with_epilogue<bnorm::detail::ScaleShiftOp>(
-      x, fused.residual, fused.relu, [&](auto op, const T* const* in) {
-        using Op = decltype(op);
-        bnorm::detail::apply_all<Op>(geometry(shape), streams<Op::kInputs>(in, y, copy_of_x), ws,
-                                     ex.device);
-      });
-}
-
-/// The parameters' gradients of channels [c0, c0 + n) from their gradient sums (each output may
-/// be null): grad_bias = sum(dy), grad_weight = sum(dy * (x - mean)) * invstd.
-template <class T>
-void parameter_grads(Index c0, Index n, const bnorm::detail::Partial* sums, const T* invstd,
-                     T* grad_weight, T* grad_bias) {
-  if (grad_bias)
-    for (Index j = 0; j < n; ++j) grad_bias[c0 + j] = T(sums[j].a);
-  if (grad_weight)
-    for (Index j = 0; j < n; ++j) grad_weight[c0 + j] = T(sums[j].b * double(invstd[c0 + j]));
-}
-
-/// InputGradOp's coefficients of channels [c0, c0 + n) of C from their gradient sums over
-/// `count` values each, with batch statistics.
-template <class T>
-void input_grad_coefs(Index C, Index c0, Index n, const bnorm::detail::Partial* sums,
-                      double count, const double* mean, const T* invstd, const T* weight,
-                      T* coef) {
-  for (Index j = 0; j < n; ++j) {
-    const Index c = c0 + j;
-    const double is = double(invstd[c]), k = (weight ? double(weight[c]) : 1.0) * is;
-    const auto mean_t = bnorm::detail::split_mean<T>(bnorm::detail::Partial{1, 0, 0, mean[c]});
-    const double slope = -k * is * is * sums[j].b / count;
-    coef[c] = T(k);
-    coef[C + c] = mean_t.high;
-    coef[2 * C + c] = T(slope);
-    coef[3 * C + c] = T(-k * sums[j].a / count - mean_t.low * slope);
+  if constexpr (kFused) {
+    bnorm::detail::with_epilogue<bnorm::detail::ScaleShiftOp>(
+        x, fused.residual, fused.relu, [&](auto op, const T* const* in) {
+          using Op = decltype(op);
+          bnorm::detail::apply_all<Op>(geometry(shape), streams<Op::kInputs>(in, y, copy_of_x),
+                                       ws, ex.device);
+        });
+  } else {
+    bnorm::detail::apply_all<bnorm::detail::ScaleShiftOp>(
+        geometry(shape), bnorm::detail::Streams<T, 1>{{x}, y, copy_of_x}, ws, ex.device);
   }
 }
 
@@ -360,18 +469,31 @@ void backward(const Shape& shape, const T* dy, const T* x, T* dx, Statistics kin
 template <class T>
 void forward_training(const Shape& shape, const T* x, T* y, double eps, Affine<T> affine = {},
                       BatchStats<T> stats = {}, Running<T> running = {},
-                      const Execution<T>& ex = {}, Fused<T> fused = {}) {
-  detail::forward_training<T>(shape, x, y, eps, affine, stats, running, ex, nullptr, nullptr, {},
-                              fused);
+                      const Execution<T>& ex = {}) {
+  detail::forward_training<T>(shape, x, y, eps, affine, stats, running, ex, nullptr, nullptr);
+}
+/// The same, y = act(bn(x) + residual) in the one elementwise pass (see Fused).
+template <class T>
+void forward_training(const Shape& shape, const T* x, T* y, double eps, Affine<T> affine,
+                      BatchStats<T> stats, Running<T> running, const Execution<T>& ex,
+                      Fused<T> fused) {
+  detail::forward_training<T, true>(shape, x, y, eps, affine, stats, running, ex, nullptr,
+                                    nullptr, {}, fused);
 }
 
 /// Inference forward: normalizes x into y with the given statistics (usually the running ones),
 /// folded with weight and bias into one scale and shift per channel. y may be x.
 template <class T>
 void forward_inference(const Shape& shape, const T* x, T* y, double eps, Affine<T> affine,
-                       const T* mean, const T* var, const Execution<T>& ex = {},
-                       Fused<T> fused = {}) {
-  detail::forward_inference<T>(shape, x, y, eps, affine, mean, var, ex, nullptr, nullptr, fused);
+                       const T* mean, const T* var, const Execution<T>& ex = {}) {
+  detail::forward_inference<T>(shape, x, y, eps, affine, mean, var, ex, nullptr, nullptr);
+}
+/// The same, y = act(bn(x) + residual) in the one elementwise pass (see Fused).
+template <class T>
+void forward_inference(const Shape& shape, const T* x, T* y, double eps, Affine<T> affine,
+                       const T* mean, const T* var, const Execution<T>& ex, Fused<T> fused) {
+  detail::forward_inference<T, true>(shape, x, y, eps, affine, mean, var, ex, nullptr, nullptr,
+                                     fused);
 }
 
 /// Backward: dx from dy, and the parameter gradients (OVERWRITTEN, each may be null):

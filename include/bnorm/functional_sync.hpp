@@ -51,94 +51,14 @@ using bnorm::detail::Partial;
 inline Partial partial(const Moments& m) { return {m.count, m.mean_rest, m.m2, m.mean_base}; }
 inline Moments moments(const Partial& p) { return {p.n, p.shift, p.a, p.b}; }
 
-/// Step 1 of a training forward: the moments of each channel of x (zero counts for no values).
+/// The channels' moments `total` as the kernels' partials, in the workspace.
 template <class T>
-void local_moments(const Shape& shape, const T* x, Partial* out, const Execution<T>& ex) {
-  using namespace bnorm::detail;
-  check_shape(shape);
-  if (shape.size() == 0) {
-    std::fill(out, out + shape.channels, Partial{});
-    return;
-  }
-  check_pointer(x, "x");
-  const T* in[] = {x};
-  auto keep = [out](Index c0, Index n, const Partial* m, T*) { std::copy(m, m + n, out + c0); };
-  reduce_then_apply<ReduceOnly, void>(geometry(shape), in, nullptr, merge_moments, keep,
-                                      Streams<T, 1>{{x}, nullptr}, workspace(ex), ex.device);
-}
-
-/// Step 3 of a training forward: x normalized with the moments `total` (C of them, over more
-/// than one value each), with what forward_training writes beside y.
-template <class T>
-void forward_from_moments(const Shape& shape, const Partial* total, const T* x, T* y, double eps,
-                          Affine<T> affine, BatchStats<T> stats, Running<T> running,
-                          const Execution<T>& ex, T* copy_of_x, double* mean_exact,
-                          Renormalize<T> renorm = {}, Fused<T> fused = {}) {
-  using namespace bnorm::detail;
-  check_shape(shape);
-  check_eps(eps);
-  if (running.mean || running.var) check_momentum(running.momentum);
+const Partial* partials(const Moments* total, const Shape& shape, const Execution<T>& ex) {
   check_pointer(total, "total");
-  const Index C = shape.channels;
-  for (Index c = 0; c < C; ++c)
-    if (!(total[c].n >= 2))
-      fail("expected merged moments over more than 1 value per channel when training, got " +
-           std::to_string(total[c].n) + " in channel " + std::to_string(c));
-  if (shape.size() > 0) {
-    check_pointer(x, "x");
-    check_pointer(y, "y");
-  }
   auto& ws = workspace(ex);
-  ws.coefs.resize(std::size_t(NormalizeOp::kCoefs * C));
-  const TrainingFinish<T> finish{C, eps, affine, stats, running, mean_exact, renorm};
-  for (Index c0 = 0; c0 < C; c0 += kFinishBatch)
-    finish(c0, std::min(kFinishBatch, C - c0), total + c0, ws.coefs.data());
-  if (shape.size() == 0) return;
-  with_epilogue<NormalizeOp>(x, fused.residual, fused.relu, [&](auto op, const T* const* in) {
-    using Op = decltype(op);
-    apply_all<Op>(geometry(shape), streams<Op::kInputs>(in, y, copy_of_x), ws, ex.device);
-  });
-}
-
-/// Step 1 of a backward: each channel's sum(dy) and sum(dy * (x - mean)).
-template <class T>
-void local_gradient_sums(const Shape& shape, const T* dy, const T* x, const double* mean,
-                         Partial* out, const Execution<T>& ex) {
-  using namespace bnorm::detail;
-  check_shape(shape);
-  if (shape.size() == 0) {
-    std::fill(out, out + shape.channels, Partial{});
-    return;
-  }
-  check_pointer(dy, "dy");
-  check_pointer(x, "x");
-  check_pointer(mean, "mean");
-  const T* in[] = {dy, x};
-  auto keep = [out](Index c0, Index n, const Partial* m, T*) { std::copy(m, m + n, out + c0); };
-  reduce_then_apply<ReduceOnly, bnorm::detail::GradientSums>(
-      geometry(shape), in, mean, merge_sums, keep, Streams<T, 1>{{dy}, nullptr}, workspace(ex),
-      ex.device);
-}
-
-/// Step 3 of a backward: dx from the sums `total` over `count` values per channel.
-template <class T>
-void backward_from_sums(const Shape& shape, const Partial* total, double count, const T* dy,
-                        const T* x, T* dx, const double* mean, const T* invstd, const T* weight,
-                        const Execution<T>& ex) {
-  using namespace bnorm::detail;
-  check_shape(shape);
-  if (shape.size() == 0) return;
-  check_pointer(total, "total");
-  check_pointer(dy, "dy");
-  check_pointer(x, "x");
-  check_pointer(dx, "dx");
-  check_pointer(mean, "mean");
-  check_pointer(invstd, "invstd");
-  const Index C = shape.channels;
-  auto& ws = workspace(ex);
-  ws.coefs.resize(std::size_t(InputGradOp::kCoefs * C));
-  input_grad_coefs(C, 0, C, total, count, mean, invstd, weight, ws.coefs.data());
-  apply_all<InputGradOp>(geometry(shape), Streams<T, 2>{{dy, x}, dx}, ws, ex.device);
+  ws.partials_out.resize(std::size_t(std::max<Index>(shape.channels, 0)));
+  std::transform(total, total + ws.partials_out.size(), ws.partials_out.begin(), partial);
+  return ws.partials_out.data();
 }
 
 }  // namespace detail
@@ -165,14 +85,17 @@ void local_moments(const Shape& shape, const T* x, Moments* out, const Execution
 template <class T>
 void forward_from_moments(const Shape& shape, const Moments* total, const T* x, T* y, double eps,
                           Affine<T> affine = {}, BatchStats<T> stats = {},
-                          Running<T> running = {}, const Execution<T>& ex = {},
-                          Fused<T> fused = {}) {
-  detail::check_pointer(total, "total");
-  auto& ws = detail::workspace(ex);
-  ws.partials_out.resize(std::size_t(std::max<Index>(shape.channels, 0)));
-  std::transform(total, total + ws.partials_out.size(), ws.partials_out.begin(), detail::partial);
-  detail::forward_from_moments<T>(shape, ws.partials_out.data(), x, y, eps, affine, stats,
-                                  running, ex, nullptr, nullptr, {}, fused);
+                          Running<T> running = {}, const Execution<T>& ex = {}) {
+  detail::forward_from_moments<T>(shape, detail::partials(total, shape, ex), x, y, eps, affine,
+                                  stats, running, ex, nullptr, nullptr);
+}
+/// The same, y = act(bn(x) + residual) in the one elementwise pass (see Fused).
+template <class T>
+void forward_from_moments(const Shape& shape, const Moments* total, const T* x, T* y, double eps,
+                          Affine<T> affine, BatchStats<T> stats, Running<T> running,
+                          const Execution<T>& ex, Fused<T> fused) {
+  detail::forward_from_moments<T, true>(shape, detail::partials(total, shape, ex), x, y, eps,
+                                        affine, stats, running, ex, nullptr, nullptr, {}, fused);
 }
 
 /// Step 1 of a backward: out[c] = this shard's sums of channel c, about `mean`, the mean the
