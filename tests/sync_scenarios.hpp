@@ -1,7 +1,8 @@
 #pragma once
 // SyncBatchNorm's checks as one rank sees them, for any Communicator: the ranks as threads of one
-// process (test_sync.cpp) or as MPI processes (mpi/test_sync_mpi.cpp). No test framework here:
-// Catch's assertions are not thread-safe, so a rank returns what it saw and the caller asserts.
+// process (test_sync.cpp) or as MPI processes (mpi/test_sync_mpi.cpp). A rank asserts nothing:
+// Catch's assertions are not thread-safe, so a rank returns what it saw, and check_result asserts
+// on the calling thread.
 
 #include <algorithm>
 #include <cmath>
@@ -9,6 +10,8 @@
 #include <cstring>
 #include <random>
 #include <vector>
+
+#include <catch2/catch.hpp>
 
 #include <bnorm/bnorm.hpp>
 #include <bnorm/sync.hpp>
@@ -160,6 +163,19 @@ Result<T> train_beside_single_process(bnorm::Communicator& comm, const std::vect
 template <class T>
 constexpr double tolerance() {
   return sizeof(T) == 4 ? 1e-5 : 1e-12;
+}
+
+/// CHECK, not REQUIRE: an MPI rank that left a test case early would leave the others waiting in
+/// an exchange.
+template <class T>
+void check_result(const Result<T>& r) {
+  const double tol = tolerance<T>();
+  CHECK(r.y <= tol);
+  CHECK(r.dx <= tol);
+  CHECK(r.grads <= tol);
+  CHECK(r.running <= tol);
+  CHECK(r.running_same_on_every_rank);
+  CHECK(r.tracked_same);
 }
 
 }  // namespace sync_testing

@@ -10,8 +10,9 @@
 #include <stdexcept>
 #include <thread>
 
-#include "sync_scenarios.hpp"
 #include "util.hpp"
+// After util.hpp, whose instances.hpp comes before any call of bnorm.
+#include "sync_scenarios.hpp"
 
 namespace {
 
@@ -104,17 +105,6 @@ Outcome outcome_of(Fn&& fn) {
   return "";
 }
 
-template <class T>
-void check_result(const sync_testing::Result<T>& r) {
-  const double tol = sync_testing::tolerance<T>();
-  CHECK(r.y <= tol);
-  CHECK(r.dx <= tol);
-  CHECK(r.grads <= tol);
-  CHECK(r.running <= tol);
-  CHECK(r.running_same_on_every_rank);
-  CHECK(r.tracked_same);
-}
-
 }  // namespace
 
 TEMPLATE_TEST_CASE("SyncBatchNorm over ranks gives single-process BatchNorm's results on the "
@@ -130,7 +120,7 @@ TEMPLATE_TEST_CASE("SyncBatchNorm over ranks gives single-process BatchNorm's re
   const auto results = on_ranks<sync_testing::Result<T>>(int(batches.size()), [&](auto& comm) {
     return sync_testing::train_beside_single_process<T>(comm, batches, layout, 3, seed);
   });
-  for (const auto& r : results) check_result(r);
+  for (const auto& r : results) sync_testing::check_result(r);
 }
 
 TEST_CASE("SyncBatchNorm: every rank's bits are the same on any thread count", "[sync][threads]") {
@@ -263,7 +253,9 @@ TEST_CASE("SyncBatchNorm: where one rank's call is wrong, every rank throws and 
       return f;
     });
     CAPTURE(in_backward);
-    CHECK_THAT(out[2].outcome, Catch::Contains("2, 5, 3, 3]"));
+    // The rank whose own check failed names the module it is too.
+    CHECK_THAT(out[2].outcome, Catch::Contains("bnorm::SyncBatchNorm2d: ") &&
+                                   Catch::Contains("2, 5, 3, 3]"));
     for (int r : {0, 1})
       CHECK_THAT(out[std::size_t(r)].outcome,
                  Catch::Contains("invalid_argument") && Catch::Contains("SyncBatchNorm2d") &&
@@ -301,7 +293,11 @@ TEST_CASE("SyncBatchNorm: where one rank's call is wrong, every rank throws and 
     bnorm::Options o;
     o.virtual_batch_size = 4;
     CHECK_THROWS_WITH((bnorm::SyncBatchNorm2d<float>(3, o, comm)),
-                      Catch::Contains("expected virtual_batch_size 0"));
+                      Catch::Contains("bnorm::SyncBatchNorm2d: expected virtual_batch_size 0"));
+    o.virtual_batch_size = 0;
+    o.eps = -1;
+    CHECK_THROWS_WITH((bnorm::SyncBatchNorm2d<float>(3, o, comm)),
+                      Catch::StartsWith("bnorm::SyncBatchNorm2d: expected eps"));
   }
 }
 

@@ -38,29 +38,7 @@ class BatchNorm
   using Output = typename Base::template Output<Rank>;
 
   explicit BatchNorm(Index num_features, Options options = {})
-      : num_features_(num_features), options_(std::move(options)) {
-    if (num_features < 1) fail("expected num_features >= 1, got " + std::to_string(num_features));
-    Base::check_eps(options_.eps);
-    Base::check_momentum(options_.momentum);
-    if (options_.virtual_batch_size < 0)
-      fail("expected virtual_batch_size >= 0 (0: off), got " +
-           std::to_string(options_.virtual_batch_size));
-    if (const auto& rn = options_.renorm) {
-      if (!(rn->rmax >= 1) || !std::isfinite(rn->rmax) || !(rn->dmax >= 0) ||
-          !std::isfinite(rn->dmax))
-        fail("expected renorm's rmax >= 1 and dmax >= 0, both finite, got rmax " +
-             std::to_string(rn->rmax) + ", dmax " + std::to_string(rn->dmax));
-      if (!options_.track_running_stats)
-        fail("renorm corrects the batch statistics toward the running ones: it needs "
-             "track_running_stats");
-      if (options_.virtual_batch_size > 0)
-        fail("renorm and virtual_batch_size together are not supported");
-    }
-    params_ = detail::Parameters<Scalar>(num_features, options_.affine, options_.affine);
-    running_ = detail::RunningStats<Scalar>(num_features, options_.track_running_stats);
-    saved_mean_.resize(std::size_t(num_features));
-    saved_invstd_.resize(std::size_t(num_features));
-  }
+      : BatchNorm(num_features, std::move(options), nullptr) {}
 
   // Parameters and running statistics: empty tensors when affine / track_running_stats is off.
   void reset_parameters() {
@@ -106,25 +84,51 @@ class BatchNorm
 
   /// "BatchNorm1d", "BatchNorm2d" or "BatchNorm3d".
   static std::string name() { return "BatchNorm" + std::to_string(MaxRank - 2) + "d"; }
+  /// name(), or "Sync" + name() for a SyncBatchNorm: the name its errors give.
+  std::string instance_name() const { return synchronized_ ? "Sync" + name() : name(); }
 
  protected:
   /// SyncBatchNorm's: training forwards normalize with the statistics of the batch of every
   /// rank of `comm` (see sync.hpp).
   BatchNorm(Index num_features, Options options, Communicator& comm)
-      : BatchNorm(num_features, std::move(options)) {
-    if (options_.virtual_batch_size != 0)
-      throw std::invalid_argument("bnorm::Sync" + name() +
-                                  ": expected virtual_batch_size 0 (Ghost BN splits one rank's "
-                                  "batch, not the ranks' whole), got " +
-                                  std::to_string(options_.virtual_batch_size));
-    sync_ = detail::BatchSync<Scalar>(comm, num_features, "Sync" + name());
-  }
+      : BatchNorm(num_features, std::move(options), &comm) {}
 
   detail::BatchSync<Scalar>& sync() { return sync_; }
   const detail::BatchSync<Scalar>& sync() const { return sync_; }
 
  private:
   using Base::fail;
+
+  /// comm: SyncBatchNorm's, or null.
+  BatchNorm(Index num_features, Options options, Communicator* comm)
+      : num_features_(num_features), options_(std::move(options)), synchronized_(comm != nullptr) {
+    if (num_features < 1) fail("expected num_features >= 1, got " + std::to_string(num_features));
+    Base::check_eps(options_.eps);
+    Base::check_momentum(options_.momentum);
+    if (options_.virtual_batch_size < 0)
+      fail("expected virtual_batch_size >= 0 (0: off), got " +
+           std::to_string(options_.virtual_batch_size));
+    if (const auto& rn = options_.renorm) {
+      if (!(rn->rmax >= 1) || !std::isfinite(rn->rmax) || !(rn->dmax >= 0) ||
+          !std::isfinite(rn->dmax))
+        fail("expected renorm's rmax >= 1 and dmax >= 0, both finite, got rmax " +
+             std::to_string(rn->rmax) + ", dmax " + std::to_string(rn->dmax));
+      if (!options_.track_running_stats)
+        fail("renorm corrects the batch statistics toward the running ones: it needs "
+             "track_running_stats");
+      if (options_.virtual_batch_size > 0)
+        fail("renorm and virtual_batch_size together are not supported");
+    }
+    params_ = detail::Parameters<Scalar>(num_features, options_.affine, options_.affine);
+    running_ = detail::RunningStats<Scalar>(num_features, options_.track_running_stats);
+    saved_mean_.resize(std::size_t(num_features));
+    saved_invstd_.resize(std::size_t(num_features));
+    if (!comm) return;
+    if (options_.virtual_batch_size != 0)
+      fail("expected virtual_batch_size 0 (Ghost BN splits one rank's batch, not the ranks' "
+           "whole), got " + std::to_string(options_.virtual_batch_size));
+    sync_ = detail::BatchSync<Scalar>(*comm, num_features, instance_name());
+  }
 
   /// Sets a pointer for the length of one call.
   template <class P>
@@ -229,8 +233,8 @@ class BatchNorm
   /// Parameters and buffers must still have num_features values (the accessors let a caller
   /// resize them).
   void check_state() const {
-    params_.check(fail);
-    running_.check(fail);
+    params_.check(this->failure());
+    running_.check(this->failure());
   }
 
   bool uses_batch_stats() const { return this->training_ || !options_.track_running_stats; }
@@ -251,10 +255,8 @@ class BatchNorm
     if (!syncing(batch_stats)) return;
     sync_.merge_moments(shape, x, ex);
     if (sync_.count() == 1)  // every rank throws alike
-      throw std::invalid_argument("bnorm::Sync" + name() +
-                                  ": Expected more than 1 value per channel when training, got "
-                                  "1 over all ranks (this rank's input size " +
-                                  detail::dims_string(d) + ")");
+      fail("Expected more than 1 value per channel when training, got 1 over all ranks (this "
+           "rank's input size " + detail::dims_string(d) + ")");
   }
 
   void rejected(bool forward, bool batch_stats) noexcept {
@@ -353,24 +355,17 @@ class BatchNorm
   /// out = dy where the ReLU passed its input (all of it without ReLU), else 0; out may be dy.
   void mask_gradient(const Scalar* dy, Scalar* out, Index n,
                      const Eigen::ThreadPoolDevice* device) const {
-    const std::uint8_t* mask = saved_mask_.data();
-    const bool copy = !relu();
-    detail::parallel_ranges(device, n, [&](Index i0, Index i1) {
-      if (copy) std::copy(dy + i0, dy + i1, out + i0);
-      else masked(dy + i0, mask + i0, out + i0, i1 - i0);
-    });
+    if (relu()) {
+      functional::detail::relu_gradient(n, saved_mask_.data(), dy, out, device);
+    } else {
+      detail::parallel_ranges(device, n,
+                              [&](Index i0, Index i1) { std::copy(dy + i0, dy + i1, out + i0); });
+    }
   }
 
-  // Written so that they vectorize: restrict, since a byte may alias anything, and dy loaded
-  // whatever the mask (a load under a condition is a branch per value).
+  // Written so that it vectorizes: restrict, since a byte may alias anything.
   static void mask_of(const Scalar* y, std::uint8_t* __restrict mask, Index n) {
     for (Index i = 0; i < n; ++i) mask[i] = y[i] > Scalar(0);
-  }
-  static void masked(const Scalar* dy, const std::uint8_t* __restrict mask, Scalar* out, Index n) {
-    for (Index i = 0; i < n; ++i) {
-      const Scalar v = dy[i];
-      out[i] = mask[i] ? v : Scalar(0);
-    }
   }
 
   /// Batch Renormalization's part of a training forward, or none.
@@ -487,6 +482,7 @@ class BatchNorm
 
   Index num_features_;
   Options options_;
+  bool synchronized_;  // SyncBatchNorm's
 
   // What backward needs from the last forward, beside its input: its statistics, one set per
   // chunk of Ghost BN (saved_chunks_ of them).

@@ -231,20 +231,29 @@ void input_grad_coefs(Index C, Index c0, Index n, const bnorm::detail::Partial* 
   }
 }
 
-/// Step 1 of a training forward: the moments of each channel of x (zero counts for no values).
-template <class T>
-void local_moments(const Shape& shape, const T* x, Partial* out, const Execution<T>& ex) {
+/// The per-channel totals of Step's reduction (void: the moments) over `in`, into out, with no
+/// elementwise pass: step 1 of a pass whose totals are merged elsewhere (zero counts for no
+/// values).
+template <class Step, class T, class Merge>
+void reduce_channels(const Shape& shape, const T* const* in, const double* centers, Merge merge,
+                     Partial* out, const Execution<T>& ex) {
   using namespace bnorm::detail;
-  check_shape(shape);
   if (shape.size() == 0) {
     std::fill(out, out + shape.channels, Partial{});
     return;
   }
-  check_pointer(x, "x");
-  const T* in[] = {x};
   auto keep = [out](Index c0, Index n, const Partial* m, T*) { std::copy(m, m + n, out + c0); };
-  reduce_then_apply<ReduceOnly, void>(geometry(shape), in, nullptr, merge_moments, keep,
-                                      Streams<T, 1>{{x}, nullptr}, workspace(ex), ex.device);
+  reduce_then_apply<ReduceOnly, Step>(geometry(shape), in, centers, merge, keep,
+                                      Streams<T, 1>{{in[0]}, nullptr}, workspace(ex), ex.device);
+}
+
+/// Step 1 of a training forward: the moments of each channel of x.
+template <class T>
+void local_moments(const Shape& shape, const T* x, Partial* out, const Execution<T>& ex) {
+  check_shape(shape);
+  if (shape.size() > 0) check_pointer(x, "x");
+  const T* in[] = {x};
+  reduce_channels<void>(shape, in, nullptr, bnorm::detail::merge_moments, out, ex);
 }
 
 /// Step 3 of a training forward: x normalized with the moments `total` (C of them, over more
@@ -288,20 +297,15 @@ void forward_from_moments(const Shape& shape, const Partial* total, const T* x, 
 template <class T>
 void local_gradient_sums(const Shape& shape, const T* dy, const T* x, const double* mean,
                          Partial* out, const Execution<T>& ex) {
-  using namespace bnorm::detail;
   check_shape(shape);
-  if (shape.size() == 0) {
-    std::fill(out, out + shape.channels, Partial{});
-    return;
+  if (shape.size() > 0) {
+    check_pointer(dy, "dy");
+    check_pointer(x, "x");
+    check_pointer(mean, "mean");
   }
-  check_pointer(dy, "dy");
-  check_pointer(x, "x");
-  check_pointer(mean, "mean");
   const T* in[] = {dy, x};
-  auto keep = [out](Index c0, Index n, const Partial* m, T*) { std::copy(m, m + n, out + c0); };
-  reduce_then_apply<ReduceOnly, bnorm::detail::GradientSums>(
-      geometry(shape), in, mean, merge_sums, keep, Streams<T, 1>{{dy}, nullptr}, workspace(ex),
-      ex.device);
+  reduce_channels<bnorm::detail::GradientSums>(shape, in, mean, bnorm::detail::merge_sums, out,
+                                               ex);
 }
 
 /// Step 3 of a backward: dx from the sums `total` over `count` values per channel.
@@ -401,6 +405,21 @@ void forward_inference(const Shape& shape, const T* x, T* y, double eps, Affine<
     bnorm::detail::apply_all<bnorm::detail::ScaleShiftOp>(
         geometry(shape), bnorm::detail::Streams<T, 1>{{x}, y, copy_of_x}, ws, ex.device);
   }
+}
+
+/// out = dy where `passed` (a fused ReLU's output, or a mask of 0 and 1) is positive, else 0: the
+/// gradient through ReLU, 0 at exactly 0 and at NaN, as PyTorch's. out may be dy. Written so that
+/// it vectorizes: restrict, since a byte may alias anything, and dy loaded whatever `passed` (a
+/// load under a condition is a branch per value).
+template <class T, class P>
+void relu_gradient(Index n, const P* __restrict passed, const T* dy, T* out,
+                   const Eigen::ThreadPoolDevice* device) {
+  bnorm::detail::parallel_ranges(device, n, [&](Index i0, Index i1) {
+    for (Index i = i0; i < i1; ++i) {
+      const T v = dy[i];
+      out[i] = passed[i] > P(0) ? v : T(0);
+    }
+  });
 }
 
 /// backward with the mean in double (the module keeps the forward's unrounded mean).
@@ -509,6 +528,19 @@ void backward(const Shape& shape, const T* dy, const T* x, T* dx, Statistics kin
   ws.centers.assign(mean, mean + std::max<Index>(shape.channels, 0));
   detail::backward(shape, dy, x, dx, kind, ws.centers.data(), invstd, weight, grad_weight,
                    grad_bias, ex);
+}
+
+/// After a forward with Fused{residual, true}: out = dy where that forward's output y was
+/// positive, else 0. That is the gradient of the residual (dz); backward of it gives dx. out may
+/// be dy, not y.
+template <class T>
+void relu_backward(Index n, const T* y, const T* dy, T* out, const Execution<T>& ex = {}) {
+  if (n < 0) detail::fail("expected n >= 0, got " + std::to_string(n));
+  if (n == 0) return;
+  detail::check_pointer(y, "y");
+  detail::check_pointer(dy, "dy");
+  detail::check_pointer(out, "out");
+  detail::relu_gradient(n, y, dy, out, ex.device);
 }
 
 /// The passes whose plan describe_plan tells.

@@ -73,10 +73,10 @@ class GroupNorm : public detail::Module<GroupNorm<Scalar>, Scalar, functional::S
   template <std::size_t R>
   functional::Shape problem(const std::array<Index, R>& d, bool) const {
     if (R < 2) fail("expected input of at least 2 dims (N, C, *), got " + detail::dims_string(d));
-    return detail::channel_shape(d, channels_, options_.layout, false, fail);
+    return detail::channel_shape(d, channels_, options_.layout, false, this->failure());
   }
 
-  void check_state() const { params_.check(fail); }
+  void check_state() const { params_.check(this->failure()); }
   bool uses_batch_stats() const { return true; }
   bool infer_uses_batch_stats() const { return true; }
   bool keeps_input() const { return options_.save_input; }

@@ -59,8 +59,8 @@ class InstanceNorm
     if (Rank != Spatial + 1 && Rank != Spatial + 2)
       fail("expected " + std::to_string(Spatial + 1) + "D or " + std::to_string(Spatial + 2) +
            "D input (got " + std::to_string(Rank) + "D input)");
-    const functional::Shape shape =
-        detail::channel_shape(d, num_features_, options_.layout, Rank == Spatial + 1, fail);
+    const functional::Shape shape = detail::channel_shape(d, num_features_, options_.layout,
+                                                          Rank == Spatial + 1, this->failure());
     if (batch_stats && shape.spatial == 1)
       fail("Expected more than 1 spatial element when training, got input size " +
            detail::dims_string(d));
@@ -68,8 +68,8 @@ class InstanceNorm
   }
 
   void check_state() const {
-    params_.check(fail);
-    running_.check(fail);
+    params_.check(this->failure());
+    running_.check(this->failure());
   }
   bool uses_batch_stats() const { return this->training_ || !options_.track_running_stats; }
   bool infer_uses_batch_stats() const { return !options_.track_running_stats; }

@@ -103,7 +103,7 @@ class RowNorm : public detail::Module<RowNorm<Scalar, Opts>, Scalar, detail::Row
     return {rows, width_};
   }
 
-  void check_state() const { params_.check(fail); }
+  void check_state() const { params_.check(this->failure()); }
   bool uses_batch_stats() const { return true; }
   bool infer_uses_batch_stats() const { return true; }
   bool keeps_input() const { return options_.save_input; }

@@ -1,7 +1,9 @@
 // Every public call of bnorm, float and double, both layouts, every rank: compiled with a
 // demanding user's warnings (tests/CMakeLists.txt) so that each kernel the calls instantiate is
 // checked, on every instruction set the build compiles it for. Also run: it must work too.
-#include <bnorm/bnorm.hpp>
+// One unit, which also compiles the kernels' explicit instances (bnorm/instances.hpp).
+#define BNORM_INSTANTIATE
+#include <bnorm/instances.hpp>
 
 #include <cmath>
 #include <cstdio>

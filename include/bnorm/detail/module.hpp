@@ -201,17 +201,25 @@ class Module {
     backward_given(x, dy, dx, &device);
   }
 
+ /// The module's name as its errors give it: Derived's own, or one that tells an instance apart
+  /// (a SyncBatchNorm is a BatchNorm).
+  std::string instance_name() const { return Derived::name(); }
+
  protected:
   Module() = default;
 
-  [[noreturn]] static void fail(const std::string& what) {
-    throw std::invalid_argument("bnorm::" + Derived::name() + ": " + what);
+  [[noreturn]] void fail(const std::string& what) const {
+    throw std::invalid_argument("bnorm::" + self().instance_name() + ": " + what);
   }
-  static void check_eps(double eps) {
+  /// fail as a callable, for the checks shared by the modules.
+  auto failure() const {
+    return [this](const std::string& what) { fail(what); };
+  }
+  void check_eps(double eps) const {
     if (!(eps >= 0) || !std::isfinite(eps))
       fail("expected eps finite and >= 0, got " + std::to_string(eps));
   }
-  static void check_momentum(const std::optional<double>& momentum) {
+  void check_momentum(const std::optional<double>& momentum) const {
     if (momentum && !(*momentum >= 0 && *momentum <= 1))
       fail("expected momentum in [0, 1] or std::nullopt, got " + std::to_string(*momentum));
   }
@@ -263,7 +271,8 @@ class Module {
   void check_like_saved(const Z& t, const char* what) const {
     check_type<Z>();
     if (!saved_)
-      throw std::logic_error("bnorm::" + Derived::name() + ": backward called before any forward");
+      throw std::logic_error("bnorm::" + self().instance_name() +
+                             ": backward called before any forward");
     const auto dims = ArgTraits<Z>::dims(t);
     if (!std::equal(dims.begin(), dims.end(), saved_dims_.begin(), saved_dims_.end())) {
       std::string want = "[";
@@ -280,7 +289,7 @@ class Module {
 
   /// Checks that z (forward_add's residual) has x's type, rank, dims and storage order.
   template <class X, class Z>
-  static void check_like_input(const X& x, const Z& z, const char* what) {
+  void check_like_input(const X& x, const Z& z, const char* what) const {
     check_type<Z>();
     static_assert(ArgTraits<Z>::rank == ArgTraits<X>::rank, "bnorm: the residual's rank differs "
                                                             "from the input's");
@@ -325,7 +334,7 @@ class Module {
 
   /// Fails where a matrix argument's storage has gaps (a Block of a wider matrix, strides).
   template <class Z>
-  static void check_contiguous(const Z& z, const char* what) {
+  void check_contiguous(const Z& z, const char* what) const {
     check_type<Z>();
     if (!ArgTraits<Z>::contiguous(z))
       fail(std::string("expected ") + what + " to be a contiguous matrix (inner stride 1, outer "
@@ -414,7 +423,7 @@ class Module {
     guarded(false, false, [&] {
       check_like_saved(dy, "dy");
       if (!self().keeps_input())
-        throw std::logic_error("bnorm::" + Derived::name() +
+        throw std::logic_error("bnorm::" + self().instance_name() +
                                ": backward(dy) needs the forward's input, which this module does "
                                "not keep (save_input = false): call backward(x, dy, dx) with "
                                "that input");

@@ -116,7 +116,7 @@ class WithRunningStats {
   /// Sets the count of training forwards (as loading a state does). Must be >= 0.
   void set_num_batches_tracked(std::int64_t n) {
     if (n < 0)
-      throw std::invalid_argument("bnorm::" + Derived::name() +
+      throw std::invalid_argument("bnorm::" + static_cast<const Derived&>(*this).instance_name() +
                                   ": expected num_batches_tracked >= 0, got " + std::to_string(n));
     running_.num_batches_tracked = n;
   }
