@@ -23,27 +23,16 @@ struct FoldCase {
 };
 
 std::vector<FoldCase> fold_cases() {
-  std::ifstream in(std::string(BNORM_FIXTURE_DIR) + "/pytorch_fold.txt");
-  REQUIRE(in.good());
   std::vector<FoldCase> cases;
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind("fold ", 0) == 0) {
-      FoldCase c;
-      char kind[16] = {};
-      int affine = 0;
-      long out = 0, fan_in = 0;
-      REQUIRE(std::sscanf(line.c_str(), "fold %15[a-z], out %ld, fan_in %ld, eps %lf, affine %d",
-                          kind, &out, &fan_in, &c.eps, &affine) == 5);
-      c.kind = kind;
-      c.out = out;
-      c.fan_in = fan_in;
-      c.affine = affine != 0;
-      cases.push_back(c);
-    } else if (line != "end" && !line.empty()) {
-      REQUIRE(!cases.empty());
-      cases.back().arrays.insert(testing::parse_array(line));
-    }
+  for (const testing::FixtureCase& f : testing::read_fixtures("pytorch_fold.txt")) {
+    FoldCase c;
+    c.kind = f.key("kind");
+    c.out = Index(f.number("out"));
+    c.fan_in = Index(f.number("fan_in"));
+    c.eps = f.number("eps");
+    c.affine = f.flag("affine");
+    c.arrays = f.arrays;
+    cases.push_back(std::move(c));
   }
   REQUIRE(cases.size() == 4);
   return cases;

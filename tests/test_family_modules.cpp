@@ -114,73 +114,30 @@ TEST_CASE("InstanceNorm's running statistics follow PyTorch's conventions", "[fa
 
 namespace {
 
-struct FixtureStep {
-  std::string mode;
-  std::map<std::string, std::vector<double>> arrays;
-};
+using Fixture = testing::FixtureCase;
 
-struct Fixture {
-  std::string name;
-  std::map<std::string, std::string> keys;
-  std::vector<Index> dims, normalized;
-  std::vector<double> weight, bias;
-  std::vector<FixtureStep> steps;
-  double number(const std::string& key) const { return std::stod(keys.at(key)); }
-  bool flag(const std::string& key) const { return keys.at(key) == "1"; }
-};
-
-std::vector<Fixture> load_fixtures() {
-  std::ifstream in(std::string(BNORM_FIXTURE_DIR) + "/pytorch_family.txt");
-  REQUIRE(in.good());
-  std::vector<Fixture> cases;
-  std::string word;
-  while (in >> word) {
-    if (word[0] == '#') {
-      std::getline(in, word);
-    } else if (word == "case") {
-      cases.emplace_back();
-      in >> cases.back().name;
-    } else if (word == "end") {
-      continue;
-    } else {
-      Fixture& f = cases.back();
-      if (word == "dims" || word == "normalized") {
-        std::size_t rank = 0;
-        in >> rank;
-        auto& to = word == "dims" ? f.dims : f.normalized;
-        to.resize(rank);
-        for (auto& d : to) in >> d;
-      } else if (word == "weight" && f.steps.empty()) {
-        f.weight = testing::read_counted(in);
-      } else if (word == "bias" && f.steps.empty() && f.keys.count("layout")) {
-        f.bias = testing::read_counted(in);
-      } else if (word == "step") {
-        f.steps.emplace_back();
-        in >> f.steps.back().mode;
-      } else if (!f.steps.empty()) {
-        f.steps.back().arrays[word] = testing::read_counted(in);
-      } else {
-        in >> f.keys[word];
-      }
-    }
-  }
-  return cases;
+/// The case's own array `name` (the initial parameters), empty where it has none.
+std::vector<double> initial(const Fixture& f, const char* name) {
+  const auto it = f.arrays.find(name);
+  return it == f.arrays.end() ? std::vector<double>{} : it->second;
 }
 
 template <class T, int Rank, class Module>
 void run_fixture(const Fixture& f, Module& m) {
-  if (!f.weight.empty())
-    for (Index i = 0; i < m.weight().size(); ++i) m.weight()(i) = T(f.weight[std::size_t(i)]);
-  if (!f.bias.empty())
-    for (Index i = 0; i < m.bias().size(); ++i) m.bias()(i) = T(f.bias[std::size_t(i)]);
-  CHECK(m.weight().size() == Index(f.weight.size()));
-  CHECK(m.bias().size() == Index(f.bias.size()));
+  const std::vector<double> weight = initial(f, "weight"), bias = initial(f, "bias");
+  if (!weight.empty())
+    for (Index i = 0; i < m.weight().size(); ++i) m.weight()(i) = T(weight[std::size_t(i)]);
+  if (!bias.empty())
+    for (Index i = 0; i < m.bias().size(); ++i) m.bias()(i) = T(bias[std::size_t(i)]);
+  CHECK(m.weight().size() == Index(weight.size()));
+  CHECK(m.bias().size() == Index(bias.size()));
+  const std::vector<Index> fixture_dims = f.sizes("dims");
   Eigen::array<Eigen::Index, Rank> dims;
-  for (int i = 0; i < Rank; ++i) dims[std::size_t(i)] = f.dims[std::size_t(i)];
+  for (int i = 0; i < Rank; ++i) dims[std::size_t(i)] = fixture_dims[std::size_t(i)];
   using Map = Eigen::TensorMap<Eigen::Tensor<T, Rank, Eigen::RowMajor>>;
   using ConstMap = Eigen::TensorMap<const Eigen::Tensor<T, Rank, Eigen::RowMajor>>;
   for (std::size_t s = 0; s < f.steps.size(); ++s) {
-    const FixtureStep& step = f.steps[s];
+    const testing::FixtureStep& step = f.steps[s];
     INFO("step " << s << " (" << step.mode << ")");
     m.train(step.mode == "train");
     const auto& xs = step.arrays.at("x");
@@ -210,7 +167,8 @@ void run_fixture(const Fixture& f, Module& m) {
 
 template <class T, int Rank>
 void run_fixture_of_rank(const Fixture& f) {
-  const std::string module = f.keys.at("module");
+  const std::string module = f.key("module");
+  const std::vector<Index> dims = f.sizes("dims");
   const Layout layout = f.keys.count("layout") && f.keys.at("layout") == "last"
                             ? Layout::ChannelsLast
                             : Layout::ChannelsFirst;
@@ -219,13 +177,13 @@ void run_fixture_of_rank(const Fixture& f) {
     o.eps = f.number("eps");
     o.elementwise_affine = f.flag("affine");
     o.bias = f.flag("bias");
-    bnorm::LayerNorm<T> m(f.normalized, o);
+    bnorm::LayerNorm<T> m(f.sizes("normalized"), o);
     run_fixture<T, Rank>(f, m);
   } else if (module == "rms") {
     bnorm::RMSNormOptions o;
     if (!f.flag("eps_default")) o.eps = f.number("eps");
     o.elementwise_affine = f.flag("affine");
-    bnorm::RMSNorm<T> m(f.normalized, o);
+    bnorm::RMSNorm<T> m(f.sizes("normalized"), o);
     CHECK(m.eps() == f.number("eps"));
     run_fixture<T, Rank>(f, m);
   } else if (module == "group") {
@@ -233,7 +191,7 @@ void run_fixture_of_rank(const Fixture& f) {
     o.eps = f.number("eps");
     o.affine = f.flag("affine");
     o.layout = layout;
-    const Index C = layout == Layout::ChannelsLast ? f.dims.back() : f.dims[1];
+    const Index C = layout == Layout::ChannelsLast ? dims.back() : dims[1];
     bnorm::GroupNorm<T> m(Index(f.number("groups")), C, o);
     run_fixture<T, Rank>(f, m);
   } else if (module == "instance") {
@@ -245,7 +203,7 @@ void run_fixture_of_rank(const Fixture& f) {
     o.layout = layout;
     const int spatial = int(f.number("spatial"));
     const bool batched = Rank == spatial + 2;
-    const Index C = layout == Layout::ChannelsLast ? f.dims.back() : f.dims[batched ? 1 : 0];
+    const Index C = layout == Layout::ChannelsLast ? dims.back() : dims[batched ? 1 : 0];
     if constexpr (Rank >= 2 && Rank <= 3)
       if (spatial == 1) {
         bnorm::InstanceNorm1d<T> m(C, o);
@@ -269,21 +227,21 @@ void run_fixture_of_rank(const Fixture& f) {
 
 template <class T>
 void run_fixtures(const std::string& dtype) {
-  const auto cases = load_fixtures();
+  const auto cases = testing::read_fixtures("pytorch_family.txt");
   REQUIRE(cases.size() >= 150);
   std::map<std::string, int> checked;
   for (const Fixture& f : cases) {
-    if (f.keys.at("dtype") != dtype) continue;
+    if (f.key("dtype") != dtype) continue;
     INFO("fixture " << f.name);
     REQUIRE(f.steps.size() == 4);
-    switch (f.dims.size()) {
+    switch (f.sizes("dims").size()) {
       case 2: run_fixture_of_rank<T, 2>(f); break;
       case 3: run_fixture_of_rank<T, 3>(f); break;
       case 4: run_fixture_of_rank<T, 4>(f); break;
       case 5: run_fixture_of_rank<T, 5>(f); break;
-      default: FAIL("rank " << f.dims.size());
+      default: FAIL("rank " << f.sizes("dims").size());
     }
-    ++checked[f.keys.at("module")];
+    ++checked[f.key("module")];
   }
   for (const char* module : {"layer", "rms", "group", "instance"}) CHECK(checked[module] >= 10);
 }

@@ -3,6 +3,7 @@
 // and double. Outputs, input gradients, accumulated parameter gradients, running statistics and
 // num_batches_tracked are compared after every step.
 
+#include <algorithm>
 #include <fstream>
 #include <map>
 #include <sstream>
@@ -13,60 +14,39 @@ using testing::values;
 
 namespace {
 
-struct Step {
-  std::string mode;
-  std::map<std::string, std::vector<double>> arrays;
-  std::int64_t num_batches_tracked = -1;
-};
-
+/// A case of pytorch_<dtype>.txt or pytorch_ghost.txt (fixtures/generate.py).
 struct Case {
   std::string name, dtype, layout;
   int module = 0;
   double eps = 0;
   std::optional<double> momentum;
   bool affine = false, track = false;
+  testing::Index virtual_batch_size = 0;  // Ghost BN's chunks (pytorch_ghost.txt)
   std::vector<testing::Index> dims;
   std::vector<double> weight, bias;
-  std::vector<Step> steps;
+  std::vector<testing::FixtureStep> steps;
 };
 
 std::vector<Case> load(const std::string& file) {
-  std::ifstream in(std::string(BNORM_FIXTURE_DIR) + "/" + file);
-  REQUIRE(in.good());
   std::vector<Case> cases;
-  std::string word;
-  while (in >> word) {
-    if (word[0] == '#') {
-      std::getline(in, word);
-    } else if (word == "case") {
-      cases.emplace_back();
-      in >> cases.back().name;
-    } else {
-      Case& c = cases.back();
-      if (word == "dtype") in >> c.dtype;
-      else if (word == "module") in >> c.module;
-      else if (word == "layout") in >> c.layout;
-      else if (word == "eps") in >> c.eps;
-      else if (word == "momentum") {
-        std::string m;
-        in >> m;
-        if (m != "none") c.momentum = std::stod(m);
-      } else if (word == "affine") in >> c.affine;
-      else if (word == "track") in >> c.track;
-      else if (word == "dims") {
-        int rank = 0;
-        in >> rank;
-        c.dims.resize(std::size_t(rank));
-        for (auto& d : c.dims) in >> d;
-      } else if (word == "weight") c.weight = testing::read_counted(in);
-      else if (word == "bias") c.bias = testing::read_counted(in);
-      else if (word == "step") {
-        c.steps.emplace_back();
-        in >> c.steps.back().mode;
-      } else if (word == "num_batches_tracked") in >> c.steps.back().num_batches_tracked;
-      else if (word == "end") continue;
-      else c.steps.back().arrays[word] = testing::read_counted(in);
+  for (const testing::FixtureCase& f : testing::read_fixtures(file)) {
+    Case c;
+    c.name = f.name;
+    c.dtype = f.key("dtype");
+    c.module = int(f.number("module"));
+    c.layout = f.key("layout");
+    c.eps = f.number("eps");
+    if (f.key("momentum") != "none") c.momentum = f.number("momentum");
+    c.affine = f.flag("affine");
+    c.track = f.flag("track");
+    if (f.has("virtual_batch_size")) c.virtual_batch_size = testing::Index(f.number("virtual_batch_size"));
+    c.dims = f.sizes("dims");
+    if (c.affine) {
+      c.weight = f.arrays.at("weight");
+      c.bias = f.arrays.at("bias");
     }
+    c.steps = f.steps;
+    cases.push_back(std::move(c));
   }
   return cases;
 }
@@ -84,6 +64,7 @@ void run_case(const Case& k) {
   opt.momentum = k.momentum;
   opt.affine = k.affine;
   opt.track_running_stats = k.track;
+  opt.virtual_batch_size = k.virtual_batch_size;
   opt.layout = k.layout == "last" ? bnorm::Layout::ChannelsLast : bnorm::Layout::ChannelsFirst;
   const testing::Index channels = k.layout == "last" ? k.dims.back() : k.dims[1];
   Module bn(channels, opt);
@@ -96,7 +77,7 @@ void run_case(const Case& k) {
   Eigen::array<Eigen::Index, Rank> dims;
   for (int i = 0; i < Rank; ++i) dims[std::size_t(i)] = k.dims[std::size_t(i)];
   for (std::size_t s = 0; s < k.steps.size(); ++s) {
-    const Step& step = k.steps[s];
+    const testing::FixtureStep& step = k.steps[s];
     INFO("step " << s << " (" << step.mode << ")");
     bn.train(step.mode == "train");
     auto x = narrow<T>(step.arrays.at("x")), dy = narrow<T>(step.arrays.at("dy"));
@@ -118,7 +99,7 @@ void run_case(const Case& k) {
     if (k.track) {
       testing::check_close(values(bn.running_mean()), step.arrays.at("running_mean"), "running_mean");
       testing::check_close(values(bn.running_var()), step.arrays.at("running_var"), "running_var");
-      CHECK(bn.num_batches_tracked() == step.num_batches_tracked);
+      CHECK(bn.num_batches_tracked() == std::stoll(step.keys.at("num_batches_tracked")));
     } else {
       CHECK(bn.running_mean().size() == 0);
       CHECK(bn.num_batches_tracked() == 0);
@@ -126,10 +107,15 @@ void run_case(const Case& k) {
   }
 }
 
+/// The cases of `file` in T (dtype), at least `expected` of them.
 template <class T>
-void run_file(const std::string& file) {
-  const auto cases = load(file);
-  REQUIRE(cases.size() >= 40);
+void run_file(const std::string& file, std::size_t expected) {
+  const std::string dtype = sizeof(T) == 4 ? "float" : "double";
+  auto cases = load(file);
+  cases.erase(std::remove_if(cases.begin(), cases.end(),
+                             [&](const Case& k) { return k.dtype != dtype; }),
+              cases.end());
+  REQUIRE(cases.size() >= expected);
   int checked = 0;
   for (const Case& k : cases) {
     INFO("fixture " << k.name);
@@ -148,9 +134,16 @@ void run_file(const std::string& file) {
 }  // namespace
 
 TEST_CASE("BatchNorm matches PyTorch fixtures (float)", "[fixtures]") {
-  run_file<float>("pytorch_float.txt");
+  run_file<float>("pytorch_float.txt", 40);
 }
 
 TEST_CASE("BatchNorm matches PyTorch fixtures (double)", "[fixtures]") {
-  run_file<double>("pytorch_double.txt");
+  run_file<double>("pytorch_double.txt", 40);
+}
+
+// Ghost BN (virtual_batch_size) against PyTorch's batch norm over the same chunks, with the
+// running statistics moved once per forward toward the mean over the chunks of their statistics.
+TEMPLATE_TEST_CASE("Ghost BatchNorm matches PyTorch's batch norm over the chunks", "[fixtures][ghost]",
+                   float, double) {
+  run_file<TestType>("pytorch_ghost.txt", 21);
 }

@@ -25,32 +25,18 @@ struct FusedCase {
 };
 
 std::vector<FusedCase> load_fused() {
-  std::ifstream in(std::string(BNORM_FIXTURE_DIR) + "/pytorch_fused.txt");
-  REQUIRE(in.good());
   std::vector<FusedCase> cases;
-  std::string word;
-  while (in >> word) {
-    if (word[0] == '#') {
-      std::getline(in, word);
-    } else if (word == "fused") {
-      cases.emplace_back();
-      FusedCase& c = cases.back();
-      std::string layout_word, shape_word;
-      in >> c.kind >> layout_word >> c.layout >> shape_word;
-      c.kind.pop_back();    // "relu," -> "relu"
-      c.layout.pop_back();  // "nchw," -> "nchw"
-      for (auto& d : c.nchw) in >> d;
-    } else if (word == "step") {
-      std::string mode;
-      in >> mode;
-      cases.back().steps.push_back({mode == "train", {}});
-    } else if (word == "end") {
-      continue;
-    } else if (cases.back().steps.empty()) {
-      (word == "weight" ? cases.back().weight : cases.back().bias) = testing::read_counted(in);
-    } else {
-      cases.back().steps.back().arrays[word] = testing::read_counted(in);
-    }
+  for (const testing::FixtureCase& f : testing::read_fixtures("pytorch_fused.txt")) {
+    FusedCase c;
+    c.kind = f.key("kind");
+    c.layout = f.key("layout");
+    const std::vector<Index> dims = f.sizes("dims");
+    REQUIRE(dims.size() == 4);
+    std::copy(dims.begin(), dims.end(), c.nchw.begin());
+    c.weight = f.arrays.at("weight");
+    c.bias = f.arrays.at("bias");
+    for (const testing::FixtureStep& step : f.steps) c.steps.push_back({step.mode == "train", step.arrays});
+    cases.push_back(std::move(c));
   }
   return cases;
 }
@@ -295,4 +281,62 @@ TEST_CASE("forward_add and backward_add: bad shapes and misuse order are errors 
   CHECK(std::equal(dx.data(), dx.data() + dx.size(), dx2.data()));
   CHECK(std::equal(dz.data(), dz.data() + dz.size(), dz2.data()));
   CHECK_THROWS_AS(given.backward_add(dy, dx2, dz2), std::logic_error);
+}
+
+TEMPLATE_TEST_CASE("functional: a fused forward, relu_backward and backward give the module's "
+                   "forward_add and backward_add", "[fused][functional]", float, double) {
+  namespace fn = bnorm::functional;
+  using T = TestType;
+  using Tensor = Eigen::Tensor<T, 3, Eigen::RowMajor>;
+  using Map = Eigen::TensorMap<const Tensor>;
+  const auto layout = GENERATE(bnorm::Layout::ChannelsFirst, bnorm::Layout::ChannelsLast);
+  CAPTURE(int(layout));
+  const Index N = 4, C = 5, L = 19;
+  const bool last = layout == bnorm::Layout::ChannelsLast;
+  const Eigen::DSizes<Index, 3> dims = last ? Eigen::DSizes<Index, 3>(N, L, C)
+                                            : Eigen::DSizes<Index, 3>(N, C, L);
+  const reference::Shape sh{N, C, L, layout};
+  const fn::Shape shape{N, C, L, layout};
+  bnorm::Options o;
+  o.layout = layout;
+  o.activation = bnorm::Activation::ReLU;
+  bnorm::BatchNorm1d<T> bn(C, o);
+  const auto w = testing::random_vector<T>(C, 0.5, 2.0), b = testing::random_vector<T>(C, -1, 1);
+  for (Index c = 0; c < C; ++c) {
+    bn.weight()(c) = w[std::size_t(c)];
+    bn.bias()(c) = b[std::size_t(c)];
+  }
+  const auto x = testing::random_input<T>(sh, 2.0), dy = testing::random_input<T>(sh, 1.0);
+  const auto z = testing::random_vector<T>(sh.size(), -1.5, 1.5);
+  const Map xm(x.data(), dims), dym(dy.data(), dims), zm(z.data(), dims);
+  Tensor y(dims), dx(dims), dz(dims);
+  bn.forward_add(xm, zm, y);
+  bn.backward_add(dym, dx, dz);
+
+  const Index n = sh.size();
+  auto fy = testing::poisoned<T>(n), fdz = testing::poisoned<T>(n), fdx = testing::poisoned<T>(n);
+  const std::size_t nc = std::size_t(C);
+  std::vector<T> mean(nc), invstd(nc), gw(nc), gb(nc);
+  fn::forward_training<T>(shape, x.data(), fy.data(), o.eps, {w.data(), b.data()},
+                          {mean.data(), invstd.data()}, {}, {}, fn::Fused<T>{z.data(), true});
+  CHECK(testing::same_bits(fy, std::vector<T>(y.data(), y.data() + n)));
+  fn::relu_backward<T>(n, fy.data(), dy.data(), fdz.data());
+  CHECK(testing::same_bits(fdz, std::vector<T>(dz.data(), dz.data() + n)));
+  // In place, dy's buffer becoming dz.
+  std::vector<T> in_place = dy;
+  fn::relu_backward<T>(n, fy.data(), in_place.data(), in_place.data());
+  CHECK(testing::same_bits(in_place, fdz));
+  fn::backward<T>(shape, fdz.data(), x.data(), fdx.data(), fn::Statistics::Batch, mean.data(),
+                  invstd.data(), w.data(), gw.data(), gb.data());
+  std::vector<double> module_dx(dx.data(), dx.data() + n);
+  // The module centers on the unrounded mean, the functional call on the mean rounded to T.
+  testing::check_close(fdx, module_dx, "dx");
+  testing::check_close(gb, std::vector<double>(bn.grad_bias().data(), bn.grad_bias().data() + C),
+                       "grad_bias");
+
+  CHECK_THROWS_WITH(fn::relu_backward<T>(-1, fy.data(), dy.data(), fdz.data()),
+                    Catch::Contains("expected n >= 0, got -1"));
+  CHECK_THROWS_WITH(fn::relu_backward<T>(n, nullptr, dy.data(), fdz.data()),
+                    Catch::Contains("y is null"));
+  CHECK_NOTHROW(fn::relu_backward<T>(0, nullptr, nullptr, nullptr));
 }

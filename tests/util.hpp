@@ -8,7 +8,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <fstream>
 #include <istream>
+#include <map>
 #include <limits>
 #include <memory>
 #include <random>
@@ -17,7 +19,8 @@
 #include <utility>
 #include <vector>
 
-#include <bnorm/bnorm.hpp>
+// bnorm.hpp, with the kernels compiled once per test program, in instances.cpp.
+#include <bnorm/instances.hpp>
 
 #include "reference.hpp"
 
@@ -69,13 +72,74 @@ std::vector<T> values(const Eigen::Tensor<T, 1>& t) {
   return std::vector<T>(t.data(), t.data() + t.size());
 }
 
-/// A fixture file's array: its length, then its values.
-inline std::vector<double> read_counted(std::istream& in) {
-  std::size_t n = 0;
-  in >> n;
-  std::vector<double> v(n);
-  for (auto& e : v) in >> e;
-  return v;
+/// One step of a fixture case: "step MODE", then its lines.
+struct FixtureStep {
+  std::string mode;
+  std::map<std::string, std::string> keys;
+  std::map<std::string, std::vector<double>> arrays;
+};
+
+/// A case of a fixture file that a generator in fixtures/ wrote: "case NAME", its lines (before
+/// its first step they are the case's own), its steps, "end". A line is a key, "name value", or
+/// an array, "name count values..."; a line starting with '#' is a comment.
+struct FixtureCase {
+  std::string name;
+  std::map<std::string, std::string> keys;
+  std::map<std::string, std::vector<double>> arrays;
+  std::vector<FixtureStep> steps;
+
+  const std::string& key(const std::string& k) const {
+    const auto it = keys.find(k);
+    if (it == keys.end()) FAIL("fixture " << name << " has no key " << k);
+    return it->second;
+  }
+  bool has(const std::string& k) const { return keys.count(k) > 0 || arrays.count(k) > 0; }
+  double number(const std::string& k) const { return std::stod(key(k)); }
+  bool flag(const std::string& k) const { return key(k) == "1"; }
+  /// An array of sizes ("dims 4 N C H W").
+  std::vector<Index> sizes(const std::string& k) const {
+    const auto it = arrays.find(k);
+    if (it == arrays.end()) FAIL("fixture " << name << " has no array " << k);
+    return std::vector<Index>(it->second.begin(), it->second.end());
+  }
+};
+
+inline std::vector<FixtureCase> read_fixtures(const std::string& file) {
+  std::ifstream in(std::string(BNORM_FIXTURE_DIR) + "/" + file);
+  REQUIRE(in.good());
+  std::vector<FixtureCase> cases;
+  std::string line;
+  while (std::getline(in, line)) {
+    std::istringstream words(line);
+    std::vector<std::string> w;
+    for (std::string word; words >> word;) w.push_back(word);
+    if (w.empty() || w[0][0] == '#' || w[0] == "end") continue;
+    if (w[0] == "case") {
+      REQUIRE(w.size() == 2);
+      cases.emplace_back();
+      cases.back().name = w[1];
+      continue;
+    }
+    REQUIRE(!cases.empty());
+    FixtureCase& c = cases.back();
+    if (w[0] == "step") {
+      REQUIRE(w.size() == 2);
+      c.steps.push_back({w[1], {}, {}});
+      continue;
+    }
+    auto& keys = c.steps.empty() ? c.keys : c.steps.back().keys;
+    auto& arrays = c.steps.empty() ? c.arrays : c.steps.back().arrays;
+    if (w.size() == 2) {
+      keys[w[0]] = w[1];
+    } else {
+      const std::size_t n = std::stoul(w[1]);
+      INFO("fixture " << c.name << ", line " << w[0]);
+      REQUIRE(w.size() == n + 2);
+      std::vector<double>& values = arrays[w[0]];
+      for (std::size_t i = 0; i < n; ++i) values.push_back(std::stod(w[i + 2]));
+    }
+  }
+  return cases;
 }
 
 /// A buffer filled with NaN, so that an element the kernel forgot to write fails the check.
