@@ -142,6 +142,16 @@ int main() {
                         sync.forward(x, ym, device);
                         sync.backward(x, dxm, device);
                       }));
+    bnorm::Options fused_opt = sync_opt;
+    fused_opt.activation = bnorm::Activation::ReLU;
+    bnorm::BatchNorm2d<float> fused(16, fused_opt);
+    Tensor z(x.dimensions()), dz(x.dimensions());
+    z.setRandom();
+    Map dzm(dz.data(), x.dimensions());
+    failures += check(name + ": forward_add + backward_add with ReLU, 2 threads", count([&] {
+                        fused.forward_add(x, z, ym, device);
+                        fused.backward_add(x, dxm, dzm, device);
+                      }));
     family(gn, "GroupNorm");
     family(in, "InstanceNorm2d");
     family(ln, "LayerNorm");

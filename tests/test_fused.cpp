@@ -115,9 +115,11 @@ TEMPLATE_TEST_CASE("fused ReLU and residual add against the reference, every lay
   const bool relu = GENERATE(false, true);
   const bool add = GENERATE(false, true);
   const int workers = GENERATE(0, 2);
+  // Short runs, one value per sample and channel (rows taken a few at a time), long runs.
+  const Index L = GENERATE(33, 1, 700);
   if (!relu && !add) return;  // plain BatchNorm: test_module.cpp
-  CAPTURE(int(layout), relu, add, workers);
-  const Index N = 5, C = 7, L = 33;
+  CAPTURE(int(layout), relu, add, workers, L);
+  const Index N = 5, C = 7;
   const bool last = layout == bnorm::Layout::ChannelsLast;
   const Eigen::DSizes<Index, 3> dims = last ? Eigen::DSizes<Index, 3>(N, L, C)
                                             : Eigen::DSizes<Index, 3>(N, C, L);
@@ -317,11 +319,17 @@ TEMPLATE_TEST_CASE("functional: a fused forward, relu_backward and backward give
   auto fy = testing::poisoned<T>(n), fdz = testing::poisoned<T>(n), fdx = testing::poisoned<T>(n);
   const std::size_t nc = std::size_t(C);
   std::vector<T> mean(nc), invstd(nc), gw(nc), gb(nc);
+  std::vector<std::uint8_t> positive(std::size_t(n), 7);  // poisoned: neither 0 nor 1
   fn::forward_training<T>(shape, x.data(), fy.data(), o.eps, {w.data(), b.data()},
-                          {mean.data(), invstd.data()}, {}, {}, fn::Fused<T>{z.data(), true});
+                          {mean.data(), invstd.data()}, {}, {},
+                          fn::Fused<T>{z.data(), true, positive.data()});
   CHECK(testing::same_bits(fy, std::vector<T>(y.data(), y.data() + n)));
+  for (Index i = 0; i < n; ++i) REQUIRE(positive[std::size_t(i)] == (fy[std::size_t(i)] > T(0)));
   fn::relu_backward<T>(n, fy.data(), dy.data(), fdz.data());
   CHECK(testing::same_bits(fdz, std::vector<T>(dz.data(), dz.data() + n)));
+  auto from_mask = testing::poisoned<T>(n);
+  fn::relu_backward<T>(n, positive.data(), dy.data(), from_mask.data());
+  CHECK(testing::same_bits(from_mask, fdz));
   // In place, dy's buffer becoming dz.
   std::vector<T> in_place = dy;
   fn::relu_backward<T>(n, fy.data(), in_place.data(), in_place.data());
@@ -336,7 +344,61 @@ TEMPLATE_TEST_CASE("functional: a fused forward, relu_backward and backward give
 
   CHECK_THROWS_WITH(fn::relu_backward<T>(-1, fy.data(), dy.data(), fdz.data()),
                     Catch::Contains("expected n >= 0, got -1"));
-  CHECK_THROWS_WITH(fn::relu_backward<T>(n, nullptr, dy.data(), fdz.data()),
+  CHECK_THROWS_WITH(fn::relu_backward<T>(n, static_cast<const T*>(nullptr), dy.data(), fdz.data()),
                     Catch::Contains("y is null"));
-  CHECK_NOTHROW(fn::relu_backward<T>(0, nullptr, nullptr, nullptr));
+  CHECK_NOTHROW(fn::relu_backward<T>(0, static_cast<const T*>(nullptr), nullptr, nullptr));
+}
+
+TEST_CASE("fused add + ReLU with Ghost BN: each chunk as a BatchNorm of its own", "[fused][ghost]") {
+  using T = float;
+  using Tensor = Eigen::Tensor<T, 3, Eigen::RowMajor>;
+  using Map = Eigen::TensorMap<const Tensor>;
+  const auto layout = GENERATE(bnorm::Layout::ChannelsFirst, bnorm::Layout::ChannelsLast);
+  const int workers = GENERATE(0, 2);
+  CAPTURE(int(layout), workers);
+  const Index N = 7, V = 3, C = 6, L = 5, sample = C * L;  // chunks of 3, 3 and 1 samples
+  const bool last = layout == bnorm::Layout::ChannelsLast;
+  auto dims = [&](Index n) {
+    return last ? Eigen::DSizes<Index, 3>(n, L, C) : Eigen::DSizes<Index, 3>(n, C, L);
+  };
+  bnorm::Options o;
+  o.layout = layout;
+  o.activation = bnorm::Activation::ReLU;
+  o.track_running_stats = false;
+  bnorm::Options ghost_options = o;
+  ghost_options.virtual_batch_size = V;
+  bnorm::BatchNorm1d<T> ghost(C, ghost_options);
+  const auto w = testing::random_vector<T>(C, 0.5, 2.0), b = testing::random_vector<T>(C, -1, 1);
+  for (Index c = 0; c < C; ++c) {
+    ghost.weight()(c) = w[std::size_t(c)];
+    ghost.bias()(c) = b[std::size_t(c)];
+  }
+  const reference::Shape sh{N, C, L, layout};
+  const auto x = testing::random_input<T>(sh, 2.0), dy = testing::random_input<T>(sh, 1.0);
+  const auto z = testing::random_vector<T>(sh.size(), -1.5, 1.5);
+  testing::Pool pool(workers);
+  Tensor y(dims(N)), dx(dims(N)), dz(dims(N));
+  const Map xm(x.data(), dims(N)), zm(z.data(), dims(N)), dym(dy.data(), dims(N));
+  if (workers) {
+    ghost.forward_add(xm, zm, y, *pool.device);
+    ghost.backward_add(dym, dx, dz, *pool.device);
+  } else {
+    ghost.forward_add(xm, zm, y);
+    ghost.backward_add(dym, dx, dz);
+  }
+  for (Index first = 0; first < N; first += V) {
+    const Index n = std::min(V, N - first), off = first * sample;
+    CAPTURE(first);
+    bnorm::BatchNorm1d<T> one(C, o);
+    one.weight() = ghost.weight();
+    one.bias() = ghost.bias();
+    Tensor cy(dims(n)), cdx(dims(n)), cdz(dims(n));
+    one.forward_add(Map(x.data() + off, dims(n)), Map(z.data() + off, dims(n)), cy);
+    one.backward_add(Map(dy.data() + off, dims(n)), cdx, cdz);
+    for (Index i = 0; i < n * sample; ++i) {
+      REQUIRE(y.data()[off + i] == cy.data()[i]);
+      REQUIRE(dz.data()[off + i] == cdz.data()[i]);
+      REQUIRE(dx.data()[off + i] == cdx.data()[i]);
+    }
+  }
 }

@@ -283,12 +283,12 @@ class BatchNorm
   void forward_kernel(const functional::Shape& shape, const Scalar* x, Scalar* y, Scalar* copy,
                       const functional::Execution<Scalar>& ex, bool batch_stats) {
     const functional::Affine<Scalar> affine{params_.weight_ptr(), params_.bias_ptr()};
-    const functional::Fused<Scalar> fused{residual_, relu()};
+    const functional::Fused<Scalar> fused = fused_for(shape.size());
     saved_synced_ = syncing(batch_stats);
     saved_renorm_ = batch_stats && this->training_ && options_.renorm.has_value();
     saved_residual_ = residual_ != nullptr;
     if (saved_synced_) {
-      synced_forward(shape, x, y, copy, ex);
+      synced_forward(shape, x, y, copy, ex, fused);
     } else if (!batch_stats) {
       functional::detail::forward_inference<Scalar, true>(
           shape, x, y, options_.eps, affine, running_.mean.data(), running_.var.data(), ex, copy,
@@ -296,7 +296,7 @@ class BatchNorm
       for (Index c = 0; c < num_features_; ++c)
         saved_mean_[std::size_t(c)] = double(running_.mean(c));
     } else if (ghost(shape, batch_stats)) {
-      ghost_forward(shape, x, y, copy, ex);
+      ghost_forward(shape, x, y, copy, ex, fused);
     } else {
       functional::Running<Scalar> running;
       const bool update = this->training_ && options_.track_running_stats;
@@ -309,7 +309,6 @@ class BatchNorm
           saved_mean_.data(), renormalize(), fused);
       if (update) ++running_.num_batches_tracked;
     }
-    if (relu()) save_mask(y, shape.size(), ex.device);
     if (!ghost(shape, batch_stats)) saved_chunks_ = 1;
     saved_kind_ = batch_stats ? functional::Statistics::Batch : functional::Statistics::Frozen;
   }
@@ -345,11 +344,13 @@ class BatchNorm
     params_.accumulate();
   }
 
-  /// Where the output was positive, one byte per value: the fused ReLU's gradient mask.
-  void save_mask(const Scalar* y, Index n, const Eigen::ThreadPoolDevice* device) {
+  /// A forward's epilogue: the residual of forward_add, the ReLU, and where the ReLU's gradient
+  /// mask goes (one byte per value, 1 where the output is positive), written by the pass that
+  /// writes y.
+  functional::Fused<Scalar> fused_for(Index n) {
+    if (!relu()) return {residual_, false, nullptr};
     saved_mask_.resize(std::size_t(n));
-    std::uint8_t* mask = saved_mask_.data();
-    detail::parallel_ranges(device, n, [&](Index i0, Index i1) { mask_of(y + i0, mask + i0, i1 - i0); });
+    return {residual_, true, saved_mask_.data()};
   }
 
   /// out = dy where the ReLU passed its input (all of it without ReLU), else 0; out may be dy.
@@ -361,11 +362,6 @@ class BatchNorm
       detail::parallel_ranges(device, n,
                               [&](Index i0, Index i1) { std::copy(dy + i0, dy + i1, out + i0); });
     }
-  }
-
-  // Written so that it vectorizes: restrict, since a byte may alias anything.
-  static void mask_of(const Scalar* y, std::uint8_t* __restrict mask, Index n) {
-    for (Index i = 0; i < n; ++i) mask[i] = y[i] > Scalar(0);
   }
 
   /// Batch Renormalization's part of a training forward, or none.
@@ -390,7 +386,8 @@ class BatchNorm
   /// A synchronized training forward: x normalized with the whole batch's statistics, which
   /// prepare_forward merged; the running statistics move toward them on every rank alike.
   void synced_forward(const functional::Shape& shape, const Scalar* x, Scalar* y, Scalar* copy,
-                      const functional::Execution<Scalar>& ex) {
+                      const functional::Execution<Scalar>& ex,
+                      const functional::Fused<Scalar>& fused) {
     if (sync_.count() == 0) return;  // every rank's batch empty: nothing to learn
     functional::Running<Scalar> running;
     if (options_.track_running_stats)
@@ -401,7 +398,7 @@ class BatchNorm
         shape, sync_.totals(), x, y, options_.eps,
         functional::Affine<Scalar>{params_.weight_ptr(), params_.bias_ptr()},
         {nullptr, saved_invstd_.data()}, running, ex, copy, saved_mean_.data(), renormalize(),
-        {residual_, relu()});
+        fused);
     if (options_.track_running_stats) ++running_.num_batches_tracked;
   }
 
@@ -415,7 +412,8 @@ class BatchNorm
   /// backward, chunk by chunk), then the running statistics moved once toward the plain mean
   /// over the chunks of their means and variances.
   void ghost_forward(const functional::Shape& shape, const Scalar* x, Scalar* y, Scalar* copy,
-                     const functional::Execution<Scalar>& ex) {
+                     const functional::Execution<Scalar>& ex,
+                     const functional::Fused<Scalar>& fused) {
     const Index V = options_.virtual_batch_size, C = num_features_;
     const Index chunks = (shape.batch + V - 1) / V, stride = V * C * shape.spatial;
     const bool update = options_.track_running_stats;
@@ -435,7 +433,8 @@ class BatchNorm
           chunk(shape, k), x + off, y + off, options_.eps, affine,
           {nullptr, saved_invstd_.data() + k * C}, update ? own : functional::Running<Scalar>{},
           ex, copy ? copy + off : nullptr, saved_mean_.data() + k * C, {},
-          {residual_ ? residual_ + off : nullptr, relu()});
+          {fused.residual ? fused.residual + off : nullptr, fused.relu,
+           fused.positive ? fused.positive + off : nullptr});
       for (Index c = 0; c < C; ++c) {
         sums[std::size_t(c)] += saved_mean_[std::size_t(k * C + c)];
         sums[std::size_t(C + c)] += double(ghost_scratch_[std::size_t(C + c)]);

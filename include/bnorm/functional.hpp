@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "detail/isa.hpp"
 #include "detail/kernels.hpp"
@@ -59,10 +60,13 @@ struct Running {
 /// What a forward's elementwise pass adds to the normalized value, in the same pass:
 /// y = act(bn(x) + residual), act = ReLU (max(v, 0), NaN kept) where relu is set. residual: a
 /// tensor of x's shape (ResNet's skip connection); null: none.
+/// positive: where set, receives a byte per value of y, 1 where y > 0, else 0, written by the
+/// same pass (the gradient mask relu_backward takes, for a y that is overwritten before backward).
 template <class T>
 struct Fused {
   const T* residual = nullptr;
   bool relu = false;
+  std::uint8_t* positive = nullptr;
 };
 
 /// Scratch memory of the kernels; keep one per caller to make calls allocation-free.
@@ -99,13 +103,15 @@ bnorm::detail::Workspace<T>& workspace(const Execution<T>& ex) {
   return own;
 }
 
-/// The elementwise pass's streams: its inputs (Op's), output and copy of x.
+/// The elementwise pass's streams: its inputs (Op's), output, copy of x and mask of y > 0.
 template <int K, class T>
-bnorm::detail::Streams<T, K> streams(const T* const* in, T* out, T* copy) {
+bnorm::detail::Streams<T, K> streams(const T* const* in, T* out, T* copy,
+                                     std::uint8_t* positive) {
   bnorm::detail::Streams<T, K> s{};
   for (int j = 0; j < K; ++j) s.in[j] = in[j];
   s.out = out;
   s.copy = copy;
+  s.positive = positive;
   return s;
 }
 
@@ -286,7 +292,8 @@ void forward_from_moments(const Shape& shape, const Partial* total, const T* x, 
   if constexpr (kFused) {
     with_epilogue<NormalizeOp>(x, fused.residual, fused.relu, [&](auto op, const T* const* in) {
       using Op = decltype(op);
-      apply_all<Op>(geometry(shape), streams<Op::kInputs>(in, y, copy_of_x), ws, ex.device);
+      apply_all<Op>(geometry(shape), streams<Op::kInputs>(in, y, copy_of_x, fused.positive), ws,
+                    ex.device);
     });
   } else {
     apply_all<NormalizeOp>(geometry(shape), Streams<T, 1>{{x}, y, copy_of_x}, ws, ex.device);
@@ -348,7 +355,7 @@ void forward_training(const Shape& shape, const T* x, T* y, double eps, Affine<T
     fail("expected more than 1 value per channel when training, got " + std::to_string(n));
 
   if constexpr (kFused) {
-    if (fused.residual || fused.relu) {
+    if (fused.residual || fused.relu || fused.positive) {
       // The steps one by one, so that only the elementwise pass is compiled once per epilogue
       // (the fused reduction and pass of every epilogue doubled the module's compile time).
       auto& ws = workspace(ex);
@@ -398,8 +405,9 @@ void forward_inference(const Shape& shape, const T* x, T* y, double eps, Affine<
     bnorm::detail::with_epilogue<bnorm::detail::ScaleShiftOp>(
         x, fused.residual, fused.relu, [&](auto op, const T* const* in) {
           using Op = decltype(op);
-          bnorm::detail::apply_all<Op>(geometry(shape), streams<Op::kInputs>(in, y, copy_of_x),
-                                       ws, ex.device);
+          bnorm::detail::apply_all<Op>(
+              geometry(shape), streams<Op::kInputs>(in, y, copy_of_x, fused.positive), ws,
+              ex.device);
         });
   } else {
     bnorm::detail::apply_all<bnorm::detail::ScaleShiftOp>(
@@ -532,15 +540,18 @@ void backward(const Shape& shape, const T* dy, const T* x, T* dx, Statistics kin
 
 /// After a forward with Fused{residual, true}: out = dy where that forward's output y was
 /// positive, else 0. That is the gradient of the residual (dz); backward of it gives dx. out may
-/// be dy, not y.
-template <class T>
-void relu_backward(Index n, const T* y, const T* dy, T* out, const Execution<T>& ex = {}) {
+/// be dy, not y. `positive` may be the forward's y or the mask it wrote (Fused::positive).
+template <class T, class Positive>
+void relu_backward(Index n, const Positive* positive, const T* dy, T* out,
+                   const Execution<T>& ex = {}) {
+  static_assert(std::is_same_v<Positive, T> || std::is_same_v<Positive, std::uint8_t>,
+                "bnorm: relu_backward takes the forward's y or its mask of bytes");
   if (n < 0) detail::fail("expected n >= 0, got " + std::to_string(n));
   if (n == 0) return;
-  detail::check_pointer(y, "y");
+  detail::check_pointer(positive, std::is_same_v<Positive, T> ? "y" : "positive");
   detail::check_pointer(dy, "dy");
   detail::check_pointer(out, "out");
-  detail::relu_gradient(n, y, dy, out, ex.device);
+  detail::relu_gradient(n, positive, dy, out, ex.device);
 }
 
 /// The passes whose plan describe_plan tells.

@@ -137,6 +137,28 @@ inline void store_first(T* p, const Packet<T>& v, Index n) {
 #endif
 }
 
+/// Stores, for each of the first n lanes of v, the byte 1 where the lane is > 0, else 0 (0 for
+/// NaN). One compare and one byte store where AVX-512 has them (BW, VL); a loop elsewhere.
+template <class T>
+inline void store_positive(std::uint8_t* p, const Packet<T>& v, Index n = kLanes<T>) {
+#if defined(EIGEN_VECTORIZE_AVX512) && defined(__AVX512BW__) && defined(__AVX512VL__)
+  __mmask16 m;
+  if constexpr (std::is_same_v<T, float>) m = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ);
+  else m = _mm512_cmp_pd_mask(v, _mm512_setzero_pd(), _CMP_GT_OQ);
+  const __m128i bytes = _mm_maskz_set1_epi8(m, 1);
+  if (n == kLanes<T>) {
+    if constexpr (kLanes<T> == 16) _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bytes);
+    else _mm_storel_epi64(reinterpret_cast<__m128i*>(p), bytes);
+  } else {
+    _mm_mask_storeu_epi8(p, static_cast<__mmask16>((1u << n) - 1), bytes);
+  }
+#else
+  alignas(64) T lanes[kLanes<T>];
+  ei::pstore(lanes, v);
+  for (Index i = 0; i < n; ++i) p[i] = lanes[i] > T(0);
+#endif
+}
+
 /// load_wide for the first n < kWideLanes values; the other lanes hold `fill`.
 template <class T>
 inline Wide load_wide_first(const T* p, Index n, double fill) {

@@ -95,10 +95,12 @@ void apply_runs(const Streams<T, Op::kInputs>& s, const Index* off, Index n, Coe
   const T* in[std::size_t(K)][std::size_t(Op::kInputs)];
   T* out[std::size_t(K)];
   T* copy[std::size_t(K)];
+  std::uint8_t* positive[std::size_t(K)];
   for (int r = 0; r < K; ++r) {
     for (int j = 0; j < Op::kInputs; ++j) in[r][j] = s.in[j] + off[r];
     out[r] = s.out + off[r];
     copy[r] = s.copy ? s.copy + off[r] : nullptr;
+    positive[r] = s.positive ? s.positive + off[r] : nullptr;
   }
   // With kAhead, ahead[a][r] holds run r's inputs of the whole packet a packets after the next
   // one to apply (ahead[0]: that one), in registers: their indices are constants.
@@ -128,10 +130,13 @@ void apply_runs(const Streams<T, Op::kInputs>& s, const Index* off, Index n, Coe
         else ei::pstoreu(out[r] + i, y);
         if (kStream && stream_copy) stream_store(copy[r] + i, v[0]);
         else if (copy[r]) ei::pstoreu(copy[r] + i, v[0]);
+        if (positive[r]) store_positive<T>(positive[r] + i, y);
       } else {
         unroll<Op::kInputs>([&](int j) { v[j] = load_first(in[r][j] + i, count); });
-        store_first(out[r] + i, Op::apply(v, kp), count);
+        const P y = Op::apply(v, kp);
+        store_first(out[r] + i, y, count);
         if (copy[r]) store_first(copy[r] + i, v[0], count);
+        if (positive[r]) store_positive<T>(positive[r] + i, y, count);
       }
     });
   };
@@ -340,6 +345,7 @@ void apply_all(const Plan& p, const Streams<T, Op::kInputs>& s, Workspace<T>& ws
       for (auto& in : rest.in) in += head * C;
       rest.out += head * C;
       if (rest.copy) rest.copy += head * C;
+      if (rest.positive) rest.positive += head * C;
       apply_all<Op>(make_plan<T>(Geometry{g.outer - head, C, 1}, p.traffic, 1), rest, ws, nullptr);
     }
   }

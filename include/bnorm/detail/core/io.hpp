@@ -63,6 +63,9 @@ struct Streams {
   const T* in[std::size_t(kInputs)];
   T* out;
   T* copy = nullptr;
+  /// Where set, receives a byte per output value: 1 where it is > 0, else 0 (a fused ReLU's
+  /// gradient mask, written by the pass that writes the output rather than by a pass of its own).
+  std::uint8_t* positive = nullptr;
 };
 
 /// The page size that 4K aliasing and the placement of tables (see apart_from) work modulo.
