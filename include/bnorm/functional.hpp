@@ -125,17 +125,30 @@ inline void check_shape(const Shape& s) {
          ", channels " + std::to_string(s.channels) + ", spatial " + std::to_string(s.spatial));
 }
 
-inline void check_eps(double eps) {
+/// The checks of eps and momentum, reported through fail_with (the modules name themselves).
+template <class Fail>
+void check_eps(double eps, const Fail& fail_with) {
   if (!(eps >= 0) || !std::isfinite(eps))
-    fail("expected eps finite and >= 0, got " + std::to_string(eps));
+    fail_with("expected eps finite and >= 0, got " + std::to_string(eps));
 }
-
-inline void check_momentum(double m) {
-  if (!(m >= 0 && m <= 1)) fail("expected momentum in [0, 1], got " + std::to_string(m));
+template <class Fail>
+void check_momentum(double m, const Fail& fail_with) {
+  if (!(m >= 0 && m <= 1)) fail_with("expected momentum in [0, 1], got " + std::to_string(m));
 }
+inline void check_eps(double eps) { check_eps(eps, fail); }
+inline void check_momentum(double m) { check_momentum(m, fail); }
 
 inline void check_pointer(const void* p, const char* name) {
   if (p == nullptr) fail(std::string(name) + " is null");
+}
+
+/// A per-channel mean in T, widened to double in the workspace: the centers the kernels take.
+template <class T>
+const double* widened_mean(const T* mean, const Shape& shape, const Execution<T>& ex) {
+  check_pointer(mean, "mean");
+  auto& ws = workspace(ex);
+  ws.centers.assign(mean, mean + std::max<Index>(shape.channels, 0));
+  return ws.centers.data();
 }
 
 /// Batch Renormalization's part of a training forward (see bnorm::Renorm): the running statistics
@@ -531,11 +544,8 @@ template <class T>
 void backward(const Shape& shape, const T* dy, const T* x, T* dx, Statistics kind, const T* mean,
               const T* invstd, const T* weight, T* grad_weight, T* grad_bias,
               const Execution<T>& ex = {}) {
-  detail::check_pointer(mean, "mean");
-  auto& ws = detail::workspace(ex);
-  ws.centers.assign(mean, mean + std::max<Index>(shape.channels, 0));
-  detail::backward(shape, dy, x, dx, kind, ws.centers.data(), invstd, weight, grad_weight,
-                   grad_bias, ex);
+  detail::backward(shape, dy, x, dx, kind, detail::widened_mean(mean, shape, ex), invstd, weight,
+                   grad_weight, grad_bias, ex);
 }
 
 /// After a forward with Fused{residual, true}: out = dy where that forward's output y was

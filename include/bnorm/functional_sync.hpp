@@ -105,12 +105,10 @@ template <class T>
 void local_gradient_sums(const Shape& shape, const T* dy, const T* x, const T* mean,
                          BackwardSums* out, const Execution<T>& ex = {}) {
   detail::check_pointer(out, "out");
-  detail::check_pointer(mean, "mean");
+  const double* centers = detail::widened_mean(mean, shape, ex);
   auto& ws = detail::workspace(ex);
-  const std::size_t C = std::size_t(std::max<Index>(shape.channels, 0));
-  ws.centers.assign(mean, mean + C);
-  ws.partials_out.resize(C);
-  detail::local_gradient_sums(shape, dy, x, ws.centers.data(), ws.partials_out.data(), ex);
+  ws.partials_out.resize(std::size_t(std::max<Index>(shape.channels, 0)));
+  detail::local_gradient_sums(shape, dy, x, centers, ws.partials_out.data(), ex);
   std::transform(ws.partials_out.begin(), ws.partials_out.end(), out,
                  [](const bnorm::detail::Partial& p) { return BackwardSums{p.n, p.a, p.b}; });
 }
@@ -122,10 +120,9 @@ void backward_from_sums(const Shape& shape, const BackwardSums* total, const T* 
                         T* dx, const T* mean, const T* invstd, const T* weight,
                         const Execution<T>& ex = {}) {
   detail::check_pointer(total, "total");
-  detail::check_pointer(mean, "mean");
+  const double* centers = detail::widened_mean(mean, shape, ex);
   auto& ws = detail::workspace(ex);
   const std::size_t C = std::size_t(std::max<Index>(shape.channels, 0));
-  ws.centers.assign(mean, mean + C);
   ws.partials_out.resize(C);
   for (std::size_t c = 0; c < C; ++c) {
     if (total[c].count != total[0].count)
@@ -137,7 +134,7 @@ void backward_from_sums(const Shape& shape, const BackwardSums* total, const T* 
     detail::fail("expected sums over at least the shard's values, got a count of " +
                  std::to_string(total[0].count));
   detail::backward_from_sums(shape, ws.partials_out.data(), C > 0 ? total[0].count : 0.0, dy, x,
-                             dx, ws.centers.data(), invstd, weight, ex);
+                             dx, centers, invstd, weight, ex);
 }
 
 }  // namespace functional

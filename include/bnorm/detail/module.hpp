@@ -215,13 +215,10 @@ class Module {
   auto failure() const {
     return [this](const std::string& what) { fail(what); };
   }
-  void check_eps(double eps) const {
-    if (!(eps >= 0) || !std::isfinite(eps))
-      fail("expected eps finite and >= 0, got " + std::to_string(eps));
-  }
+  void check_eps(double eps) const { functional::detail::check_eps(eps, failure()); }
+  /// std::nullopt (the cumulative average) passes.
   void check_momentum(const std::optional<double>& momentum) const {
-    if (momentum && !(*momentum >= 0 && *momentum <= 1))
-      fail("expected momentum in [0, 1] or std::nullopt, got " + std::to_string(*momentum));
+    if (momentum) functional::detail::check_momentum(*momentum, failure());
   }
 
   Parameters<Scalar> params_;
