@@ -2,7 +2,7 @@
 // new in the process around repeated forward / backward / infer calls, on the calling thread
 // alone and on a thread pool, for both layouts.
 
-#include <bnorm/bnorm.hpp>
+#include <bnorm/instances.hpp>  // the kernels compiled once, in instances.cpp
 
 #include <atomic>
 #include <cstdio>

@@ -4,7 +4,7 @@
 //
 //   bnorm_soak [steps]      (default 1000000; BNORM_SOAK_STEPS overrides too)
 
-#include <bnorm/bnorm.hpp>
+#include <bnorm/instances.hpp>  // the kernels compiled once, in instances.cpp
 
 #include <atomic>
 #include <cmath>

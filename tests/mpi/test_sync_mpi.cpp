@@ -7,6 +7,7 @@
 
 #include <mpi.h>
 
+#include <bnorm/instances.hpp>  // the kernels compiled once, in instances.cpp
 #include <bnorm/mpi.hpp>
 
 #include "../sync_scenarios.hpp"
