@@ -219,6 +219,11 @@ TEST_CASE("fused add + ReLU: finite differences of x, z and the parameters", "[f
   bn.backward_add(g, dx, dz);
   const Tensor4 before = pre.forward(x);
   const double h = 1e-6;
+  // A central difference errs by h^2 times the loss's third derivative, which is large in a
+  // channel of small spread: there the gradients are large too (up to 200 here, beside values
+  // of 0.04 in the same channel), so the margin is a part of the largest.
+  double dx_scale = 0;
+  for (Index i = 0; i < dx.size(); ++i) dx_scale = std::max(dx_scale, std::abs(dx.data()[i]));
   Index checked = 0;
   for (Index i = 0; i < x.size(); ++i) {
     // ReLU's kink: skip values within reach of it.
@@ -226,7 +231,8 @@ TEST_CASE("fused add + ReLU: finite differences of x, z and the parameters", "[f
     Tensor4 up = x, down = x;
     up.data()[i] += h;
     down.data()[i] -= h;
-    CHECK(dx.data()[i] == Approx((loss(up, z) - loss(down, z)) / (2 * h)).epsilon(1e-6).margin(1e-7));
+    CHECK(dx.data()[i] ==
+          Approx((loss(up, z) - loss(down, z)) / (2 * h)).epsilon(1e-6).margin(1e-6 * dx_scale));
     Tensor4 zu = z, zd = z;
     zu.data()[i] += h;
     zd.data()[i] -= h;
