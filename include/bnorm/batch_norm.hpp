@@ -26,14 +26,16 @@ using Index = std::ptrdiff_t;
 template <class Scalar, int MinRank, int MaxRank>
 class BatchNorm
     : public detail::Module<BatchNorm<Scalar, MinRank, MaxRank>, Scalar, functional::Shape>,
-      public detail::WithRunningStats<BatchNorm<Scalar, MinRank, MaxRank>, Scalar> {
+      public detail::WithRunningStats<BatchNorm<Scalar, MinRank, MaxRank>,
+                                      functional::Param<Scalar>> {
   using Base = detail::Module<BatchNorm, Scalar, functional::Shape>;
   friend Base;
   using Base::params_;
-  using detail::WithRunningStats<BatchNorm, Scalar>::running_;
+  using detail::WithRunningStats<BatchNorm, functional::Param<Scalar>>::running_;
 
  public:
   using typename Base::Vector;
+  using typename Base::Param;
   template <int Rank>
   using Output = typename Base::template Output<Rank>;
 
@@ -119,8 +121,8 @@ class BatchNorm
       if (options_.virtual_batch_size > 0)
         fail("renorm and virtual_batch_size together are not supported");
     }
-    params_ = detail::Parameters<Scalar>(num_features, options_.affine, options_.affine);
-    running_ = detail::RunningStats<Scalar>(num_features, options_.track_running_stats);
+    params_ = detail::Parameters<Param>(num_features, options_.affine, options_.affine);
+    running_ = detail::RunningStats<Param>(num_features, options_.track_running_stats);
     saved_mean_.resize(std::size_t(num_features));
     saved_invstd_.resize(std::size_t(num_features));
     if (!comm) return;
@@ -225,7 +227,7 @@ class BatchNorm
                    const std::array<Index, R>&) const {
     if (!options_.check_finite) return;
     for (Index i = 0; i < shape.size(); ++i)
-      if (!std::isfinite(x[i]))
+      if (!std::isfinite(detail::computed(x[i])))
         fail("input holds a non-finite value at flat index " + std::to_string(i) +
              " (Options::check_finite)");
   }
@@ -250,7 +252,7 @@ class BatchNorm
   /// A synchronized forward merges the ranks' statistics before it changes anything.
   template <std::size_t R>
   void prepare_forward(const functional::Shape& shape, const Scalar* x,
-                       const functional::Execution<Scalar>& ex, bool batch_stats,
+                       const functional::Execution<Param>& ex, bool batch_stats,
                        const std::array<Index, R>& d) {
     if (!syncing(batch_stats)) return;
     sync_.merge_moments(shape, x, ex);
@@ -268,8 +270,8 @@ class BatchNorm
   void infer_kernel(const functional::Shape& shape, const Scalar* x, Scalar* y,
                     const Eigen::ThreadPoolDevice* device, bool batch_stats) const {
     // The calling thread's own workspace: nothing of the module is written.
-    const functional::Execution<Scalar> ex{device, nullptr};
-    const functional::Affine<Scalar> affine{params_.weight_ptr(), params_.bias_ptr()};
+    const functional::Execution<Param> ex{device, nullptr};
+    const functional::Affine<Param> affine{params_.weight_ptr(), params_.bias_ptr()};
     const functional::Fused<Scalar> fused{nullptr, relu()};
     if (batch_stats)
       functional::forward_training<Scalar>(shape, x, y, options_.eps, affine, {}, {}, ex, fused);
@@ -281,8 +283,8 @@ class BatchNorm
   bool relu() const { return options_.activation == Activation::ReLU; }
 
   void forward_kernel(const functional::Shape& shape, const Scalar* x, Scalar* y, Scalar* copy,
-                      const functional::Execution<Scalar>& ex, bool batch_stats) {
-    const functional::Affine<Scalar> affine{params_.weight_ptr(), params_.bias_ptr()};
+                      const functional::Execution<Param>& ex, bool batch_stats) {
+    const functional::Affine<Param> affine{params_.weight_ptr(), params_.bias_ptr()};
     const functional::Fused<Scalar> fused = fused_for(shape.size());
     saved_synced_ = syncing(batch_stats);
     saved_renorm_ = batch_stats && this->training_ && options_.renorm.has_value();
@@ -298,7 +300,7 @@ class BatchNorm
     } else if (ghost(shape, batch_stats)) {
       ghost_forward(shape, x, y, copy, ex, fused);
     } else {
-      functional::Running<Scalar> running;
+      functional::Running<Param> running;
       const bool update = this->training_ && options_.track_running_stats;
       if (update)
         running = {running_.mean.data(), running_.var.data(),
@@ -314,12 +316,12 @@ class BatchNorm
   }
 
   void backward_kernel(const functional::Shape& shape, const Scalar* dy, const Scalar* x,
-                       Scalar* dx, const functional::Execution<Scalar>& ex) {
+                       Scalar* dx, const functional::Execution<Param>& ex) {
     // Batch Renormalization's r and d are constants to backward: BatchNorm's backward with the
     // weight scaled by r, then the weight's gradient r * sum(dy * xhat) + d * sum(dy).
-    const Scalar* weight = saved_renorm_ ? renorm_weight() : params_.weight_ptr();
-    Scalar* gw = params_.step_weight_ptr();
-    Scalar* gb = params_.step_bias_ptr();
+    const Param* weight = saved_renorm_ ? renorm_weight() : params_.weight_ptr();
+    Param* gw = params_.step_weight_ptr();
+    Param* gb = params_.step_bias_ptr();
     // A fused ReLU's gradient, dy where the output was positive, else 0, goes to dz (backward_add)
     // or to dx, and is then the batch norm's dy.
     if (relu() || residual_grad_) {
@@ -339,7 +341,7 @@ class BatchNorm
     if (saved_renorm_ && gw)
       for (Index c = 0; c < num_features_; ++c) {
         const std::size_t i = std::size_t(c);
-        gw[c] = Scalar(saved_r_[i] * double(gw[c]) + saved_d_[i] * double(gb[c]));
+        gw[c] = Param(saved_r_[i] * double(gw[c]) + saved_d_[i] * double(gb[c]));
       }
     params_.accumulate();
   }
@@ -365,7 +367,7 @@ class BatchNorm
   }
 
   /// Batch Renormalization's part of a training forward, or none.
-  functional::detail::Renormalize<Scalar> renormalize() {
+  functional::detail::Renormalize<Param> renormalize() {
     if (!saved_renorm_) return {};
     saved_r_.resize(std::size_t(num_features_));
     saved_d_.resize(std::size_t(num_features_));
@@ -374,11 +376,11 @@ class BatchNorm
   }
 
   /// The weight times the last forward's r, per channel.
-  const Scalar* renorm_weight() {
+  const Param* renorm_weight() {
     renorm_weight_.resize(std::size_t(num_features_));
     for (Index c = 0; c < num_features_; ++c)
       renorm_weight_[std::size_t(c)] =
-          Scalar((params_.weight_ptr() ? double(params_.weight_ptr()[c]) : 1.0) *
+          Param((params_.weight_ptr() ? double(params_.weight_ptr()[c]) : 1.0) *
                  saved_r_[std::size_t(c)]);
     return renorm_weight_.data();
   }
@@ -386,17 +388,17 @@ class BatchNorm
   /// A synchronized training forward: x normalized with the whole batch's statistics, which
   /// prepare_forward merged; the running statistics move toward them on every rank alike.
   void synced_forward(const functional::Shape& shape, const Scalar* x, Scalar* y, Scalar* copy,
-                      const functional::Execution<Scalar>& ex,
+                      const functional::Execution<Param>& ex,
                       const functional::Fused<Scalar>& fused) {
     if (sync_.count() == 0) return;  // every rank's batch empty: nothing to learn
-    functional::Running<Scalar> running;
+    functional::Running<Param> running;
     if (options_.track_running_stats)
       running = {running_.mean.data(), running_.var.data(),
                  running_.momentum_for(options_.momentum),
                  options_.running_variance == RunningVariance::Unbiased};
     functional::detail::forward_from_moments<Scalar, true>(
         shape, sync_.totals(), x, y, options_.eps,
-        functional::Affine<Scalar>{params_.weight_ptr(), params_.bias_ptr()},
+        functional::Affine<Param>{params_.weight_ptr(), params_.bias_ptr()},
         {nullptr, saved_invstd_.data()}, running, ex, copy, saved_mean_.data(), renormalize(),
         fused);
     if (options_.track_running_stats) ++running_.num_batches_tracked;
@@ -412,26 +414,26 @@ class BatchNorm
   /// backward, chunk by chunk), then the running statistics moved once toward the plain mean
   /// over the chunks of their means and variances.
   void ghost_forward(const functional::Shape& shape, const Scalar* x, Scalar* y, Scalar* copy,
-                     const functional::Execution<Scalar>& ex,
+                     const functional::Execution<Param>& ex,
                      const functional::Fused<Scalar>& fused) {
     const Index V = options_.virtual_batch_size, C = num_features_;
     const Index chunks = (shape.batch + V - 1) / V, stride = V * C * shape.spatial;
     const bool update = options_.track_running_stats;
     saved_mean_.resize(std::size_t(chunks * C));
     saved_invstd_.resize(std::size_t(chunks * C));
-    ghost_scratch_.assign(std::size_t(2 * C), Scalar(0));  // each chunk's mean, variance
+    ghost_scratch_.assign(std::size_t(2 * C), Param(0));  // each chunk's mean, variance
     std::vector<double>& sums = ghost_sums_;
     sums.assign(std::size_t(2 * C), 0.0);
-    const functional::Affine<Scalar> affine{params_.weight_ptr(), params_.bias_ptr()};
+    const functional::Affine<Param> affine{params_.weight_ptr(), params_.bias_ptr()};
     for (Index k = 0; k < chunks; ++k) {
       const Index off = k * stride;
       // Momentum 1: the chunk's own variance (unbiased unless Biased), rounded to Scalar.
-      const functional::Running<Scalar> own{nullptr, ghost_scratch_.data() + C, 1.0,
+      const functional::Running<Param> own{nullptr, ghost_scratch_.data() + C, 1.0,
                                             options_.running_variance ==
                                                 RunningVariance::Unbiased};
       functional::detail::forward_training<Scalar, true>(
           chunk(shape, k), x + off, y + off, options_.eps, affine,
-          {nullptr, saved_invstd_.data() + k * C}, update ? own : functional::Running<Scalar>{},
+          {nullptr, saved_invstd_.data() + k * C}, update ? own : functional::Running<Param>{},
           ex, copy ? copy + off : nullptr, saved_mean_.data() + k * C, {},
           {fused.residual ? fused.residual + off : nullptr, fused.relu,
            fused.positive ? fused.positive + off : nullptr});
@@ -444,9 +446,9 @@ class BatchNorm
     if (!update) return;
     const double m = running_.momentum_for(options_.momentum);
     for (Index c = 0; c < C; ++c) {
-      running_.mean(c) = Scalar((1 - m) * double(running_.mean(c)) +
+      running_.mean(c) = Param((1 - m) * double(running_.mean(c)) +
                                 m * sums[std::size_t(c)] / double(chunks));
-      running_.var(c) = Scalar((1 - m) * double(running_.var(c)) +
+      running_.var(c) = Param((1 - m) * double(running_.var(c)) +
                                m * sums[std::size_t(C + c)] / double(chunks));
     }
     ++running_.num_batches_tracked;
@@ -455,10 +457,10 @@ class BatchNorm
   /// Ghost BN's backward: chunk by chunk with the chunk's statistics; the parameters' gradients
   /// summed over the chunks in order.
   void ghost_backward(const functional::Shape& shape, const Scalar* dy, const Scalar* x,
-                      Scalar* dx, const functional::Execution<Scalar>& ex) {
+                      Scalar* dx, const functional::Execution<Param>& ex) {
     const Index C = num_features_, stride = options_.virtual_batch_size * C * shape.spatial;
-    Scalar* gw = params_.step_weight_ptr();
-    Scalar* gb = params_.step_bias_ptr();
+    Param* gw = params_.step_weight_ptr();
+    Param* gb = params_.step_bias_ptr();
     ghost_scratch_.resize(std::size_t(2 * C));
     ghost_sums_.assign(std::size_t(2 * C), 0.0);
     for (Index k = 0; k < saved_chunks_; ++k) {
@@ -474,8 +476,8 @@ class BatchNorm
       }
     }
     for (Index c = 0; c < C; ++c) {
-      if (gw) gw[c] = Scalar(ghost_sums_[std::size_t(c)]);
-      if (gb) gb[c] = Scalar(ghost_sums_[std::size_t(C + c)]);
+      if (gw) gw[c] = Param(ghost_sums_[std::size_t(c)]);
+      if (gb) gb[c] = Param(ghost_sums_[std::size_t(C + c)]);
     }
   }
 
@@ -495,11 +497,11 @@ class BatchNorm
   const Scalar* residual_ = nullptr;
   Scalar* residual_grad_ = nullptr;
   std::vector<double> saved_r_, saved_d_;
-  std::vector<Scalar> renorm_weight_;
+  std::vector<Param> renorm_weight_;
   detail::BatchSync<Scalar> sync_;  // inactive but in SyncBatchNorm
-  std::vector<Scalar> ghost_scratch_;
+  std::vector<Param> ghost_scratch_;
   std::vector<double> ghost_sums_;
-  std::vector<Scalar> saved_invstd_;
+  std::vector<Param> saved_invstd_;
   std::vector<double> saved_mean_;  // unrounded: backward centers x on the exact batch mean
 };
 

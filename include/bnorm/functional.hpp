@@ -32,6 +32,12 @@ struct Shape {
   Index size() const { return batch * channels * spatial; }
 };
 
+/// The type of the per-channel values (parameters, statistics) that go with data stored as S:
+/// S itself for float and double, float for Eigen::bfloat16 and Eigen::half, whose data the
+/// kernels read into float and write back rounded to nearest even.
+template <class S>
+using Param = bnorm::detail::Compute<S>;
+
 /// Learnable parameters; a null pointer means weight 1 / bias 0 (affine = false).
 template <class T>
 struct Affine {
@@ -253,9 +259,10 @@ void input_grad_coefs(Index C, Index c0, Index n, const bnorm::detail::Partial* 
 /// The per-channel totals of Step's reduction (void: the moments) over `in`, into out, with no
 /// elementwise pass: step 1 of a pass whose totals are merged elsewhere (zero counts for no
 /// values).
-template <class Step, class T, class Merge>
-void reduce_channels(const Shape& shape, const T* const* in, const double* centers, Merge merge,
-                     Partial* out, const Execution<T>& ex) {
+template <class Step, class S, class Merge>
+void reduce_channels(const Shape& shape, const S* const* in, const double* centers, Merge merge,
+                     Partial* out, const Execution<Param<S>>& ex) {
+  using T = Param<S>;
   using namespace bnorm::detail;
   if (shape.size() == 0) {
     std::fill(out, out + shape.channels, Partial{});
@@ -263,26 +270,28 @@ void reduce_channels(const Shape& shape, const T* const* in, const double* cente
   }
   auto keep = [out](Index c0, Index n, const Partial* m, T*) { std::copy(m, m + n, out + c0); };
   reduce_then_apply<ReduceOnly, Step>(geometry(shape), in, centers, merge, keep,
-                                      Streams<T, 1>{{in[0]}, nullptr}, workspace(ex), ex.device);
+                                      Streams<S, 1>{{in[0]}, nullptr}, workspace(ex), ex.device);
 }
 
 /// Step 1 of a training forward: the moments of each channel of x.
-template <class T>
-void local_moments(const Shape& shape, const T* x, Partial* out, const Execution<T>& ex) {
+template <class S>
+void local_moments(const Shape& shape, const S* x, Partial* out, const Execution<Param<S>>& ex) {
   check_shape(shape);
   if (shape.size() > 0) check_pointer(x, "x");
-  const T* in[] = {x};
+  const S* in[] = {x};
   reduce_channels<void>(shape, in, nullptr, bnorm::detail::merge_moments, out, ex);
 }
 
 /// Step 3 of a training forward: x normalized with the moments `total` (C of them, over more
 /// than one value each), with what forward_training writes beside y.
-template <class T, bool kFused = false>
-void forward_from_moments(const Shape& shape, const Partial* total, const T* x, T* y, double eps,
-                          Affine<T> affine, BatchStats<T> stats, Running<T> running,
-                          const Execution<T>& ex, T* copy_of_x, double* mean_exact,
-                          Renormalize<T> renorm = {}, Fused<T> fused = {}) {
+template <class S, bool kFused = false>
+void forward_from_moments(const Shape& shape, const Partial* total, const S* x, S* y, double eps,
+                          Affine<Param<S>> affine, BatchStats<Param<S>> stats,
+                          Running<Param<S>> running, const Execution<Param<S>>& ex, S* copy_of_x,
+                          double* mean_exact, Renormalize<Param<S>> renorm = {},
+                          Fused<S> fused = {}) {
   using namespace bnorm::detail;
+  using T = Param<S>;
   check_shape(shape);
   check_eps(eps);
   if (running.mean || running.var) check_momentum(running.momentum);
@@ -303,36 +312,36 @@ void forward_from_moments(const Shape& shape, const Partial* total, const T* x, 
     finish(c0, std::min(kFinishBatch, C - c0), total + c0, ws.coefs.data());
   if (shape.size() == 0) return;
   if constexpr (kFused) {
-    with_epilogue<NormalizeOp>(x, fused.residual, fused.relu, [&](auto op, const T* const* in) {
+    with_epilogue<NormalizeOp>(x, fused.residual, fused.relu, [&](auto op, const S* const* in) {
       using Op = decltype(op);
       apply_all<Op>(geometry(shape), streams<Op::kInputs>(in, y, copy_of_x, fused.positive), ws,
                     ex.device);
     });
   } else {
-    apply_all<NormalizeOp>(geometry(shape), Streams<T, 1>{{x}, y, copy_of_x}, ws, ex.device);
+    apply_all<NormalizeOp>(geometry(shape), Streams<S, 1>{{x}, y, copy_of_x}, ws, ex.device);
   }
 }
 
 /// Step 1 of a backward: each channel's sum(dy) and sum(dy * (x - mean)).
-template <class T>
-void local_gradient_sums(const Shape& shape, const T* dy, const T* x, const double* mean,
-                         Partial* out, const Execution<T>& ex) {
+template <class S>
+void local_gradient_sums(const Shape& shape, const S* dy, const S* x, const double* mean,
+                         Partial* out, const Execution<Param<S>>& ex) {
   check_shape(shape);
   if (shape.size() > 0) {
     check_pointer(dy, "dy");
     check_pointer(x, "x");
     check_pointer(mean, "mean");
   }
-  const T* in[] = {dy, x};
+  const S* in[] = {dy, x};
   reduce_channels<bnorm::detail::GradientSums>(shape, in, mean, bnorm::detail::merge_sums, out,
                                                ex);
 }
 
 /// Step 3 of a backward: dx from the sums `total` over `count` values per channel.
-template <class T>
-void backward_from_sums(const Shape& shape, const Partial* total, double count, const T* dy,
-                        const T* x, T* dx, const double* mean, const T* invstd, const T* weight,
-                        const Execution<T>& ex) {
+template <class S>
+void backward_from_sums(const Shape& shape, const Partial* total, double count, const S* dy,
+                        const S* x, S* dx, const double* mean, const Param<S>* invstd,
+                        const Param<S>* weight, const Execution<Param<S>>& ex) {
   using namespace bnorm::detail;
   check_shape(shape);
   if (shape.size() == 0) return;
@@ -346,17 +355,18 @@ void backward_from_sums(const Shape& shape, const Partial* total, double count, 
   auto& ws = workspace(ex);
   ws.coefs.resize(std::size_t(InputGradOp::kCoefs * C));
   input_grad_coefs(C, 0, C, total, count, mean, invstd, weight, ws.coefs.data());
-  apply_all<InputGradOp>(geometry(shape), Streams<T, 2>{{dy, x}, dx}, ws, ex.device);
+  apply_all<InputGradOp>(geometry(shape), Streams<S, 2>{{dy, x}, dx}, ws, ex.device);
 }
 
 /// copy_of_x: receives a copy of x (the module keeps it for backward); mean_exact: receives
 /// the batch mean before rounding to T. Both may be null.
 /// kFused: compiled with the epilogues of `fused` (see forward_from_moments).
-template <class T, bool kFused = false>
-void forward_training(const Shape& shape, const T* x, T* y, double eps, Affine<T> affine,
-                      BatchStats<T> stats, Running<T> running, const Execution<T>& ex,
-                      T* copy_of_x, double* mean_exact, Renormalize<T> renorm = {},
-                      Fused<T> fused = {}) {
+template <class S, bool kFused = false>
+void forward_training(const Shape& shape, const S* x, S* y, double eps, Affine<Param<S>> affine,
+                      BatchStats<Param<S>> stats, Running<Param<S>> running,
+                      const Execution<Param<S>>& ex, S* copy_of_x, double* mean_exact,
+                      Renormalize<Param<S>> renorm = {}, Fused<S> fused = {}) {
+  using T = Param<S>;
   check_shape(shape);
   check_eps(eps);
   if (running.mean || running.var) check_momentum(running.momentum);
@@ -374,22 +384,23 @@ void forward_training(const Shape& shape, const T* x, T* y, double eps, Affine<T
       auto& ws = workspace(ex);
       ws.partials_out.resize(std::size_t(shape.channels));
       local_moments(shape, x, ws.partials_out.data(), ex);
-      forward_from_moments<T, true>(shape, ws.partials_out.data(), x, y, eps, affine, stats,
+      forward_from_moments<S, true>(shape, ws.partials_out.data(), x, y, eps, affine, stats,
                                     running, ex, copy_of_x, mean_exact, renorm, fused);
       return;
     }
   }
-  const T* in[] = {x};
+  const S* in[] = {x};
   bnorm::detail::reduce_then_apply<bnorm::detail::NormalizeOp, void>(
       geometry(shape), in, nullptr, bnorm::detail::merge_moments,
       TrainingFinish<T>{shape.channels, eps, affine, stats, running, mean_exact, renorm},
-      bnorm::detail::Streams<T, 1>{{x}, y, copy_of_x}, workspace(ex), ex.device);
+      bnorm::detail::Streams<S, 1>{{x}, y, copy_of_x}, workspace(ex), ex.device);
 }
 /// invstd_out: receives 1 / sqrt(var + eps) per channel; may be null.
-template <class T, bool kFused = false>
-void forward_inference(const Shape& shape, const T* x, T* y, double eps, Affine<T> affine,
-                       const T* mean, const T* var, const Execution<T>& ex, T* copy_of_x,
-                       T* invstd_out, Fused<T> fused = {}) {
+template <class S, bool kFused = false>
+void forward_inference(const Shape& shape, const S* x, S* y, double eps, Affine<Param<S>> affine,
+                       const Param<S>* mean, const Param<S>* var, const Execution<Param<S>>& ex,
+                       S* copy_of_x, Param<S>* invstd_out, Fused<S> fused = {}) {
+  using T = Param<S>;
   check_shape(shape);
   check_eps(eps);
   if (shape.size() == 0) return;
@@ -416,7 +427,7 @@ void forward_inference(const Shape& shape, const T* x, T* y, double eps, Affine<
   }
   if constexpr (kFused) {
     bnorm::detail::with_epilogue<bnorm::detail::ScaleShiftOp>(
-        x, fused.residual, fused.relu, [&](auto op, const T* const* in) {
+        x, fused.residual, fused.relu, [&](auto op, const S* const* in) {
           using Op = decltype(op);
           bnorm::detail::apply_all<Op>(
               geometry(shape), streams<Op::kInputs>(in, y, copy_of_x, fused.positive), ws,
@@ -424,7 +435,7 @@ void forward_inference(const Shape& shape, const T* x, T* y, double eps, Affine<
         });
   } else {
     bnorm::detail::apply_all<bnorm::detail::ScaleShiftOp>(
-        geometry(shape), bnorm::detail::Streams<T, 1>{{x}, y, copy_of_x}, ws, ex.device);
+        geometry(shape), bnorm::detail::Streams<S, 1>{{x}, y, copy_of_x}, ws, ex.device);
   }
 }
 
@@ -444,11 +455,12 @@ void relu_gradient(Index n, const P* __restrict passed, const T* dy, T* out,
 }
 
 /// backward with the mean in double (the module keeps the forward's unrounded mean).
-template <class T>
-void backward(const Shape& shape, const T* dy, const T* x, T* dx, Statistics kind,
-              const double* mean, const T* invstd, const T* weight, T* grad_weight, T* grad_bias,
-              const Execution<T>& ex) {
+template <class S>
+void backward(const Shape& shape, const S* dy, const S* x, S* dx, Statistics kind,
+              const double* mean, const Param<S>* invstd, const Param<S>* weight,
+              Param<S>* grad_weight, Param<S>* grad_bias, const Execution<Param<S>>& ex) {
   using namespace bnorm::detail;
+  using T = Param<S>;
   check_shape(shape);
   const Index C = shape.channels;
   if (shape.size() == 0) {
@@ -465,7 +477,7 @@ void backward(const Shape& shape, const T* dy, const T* x, T* dx, Statistics kin
   check_pointer(invstd, "invstd");
   const Geometry g = geometry(shape);
   auto& ws = workspace(ex);
-  const T* in[] = {dy, x};
+  const S* in[] = {dy, x};
   const double count = double(shape.per_channel());
   auto grads = [&](Index c0, Index n, const Partial* sums) {
     parameter_grads(c0, n, sums, invstd, grad_weight, grad_bias);
@@ -480,7 +492,7 @@ void backward(const Shape& shape, const T* dy, const T* x, T* dx, Statistics kin
       input_grad_coefs(C, c0, n, sums, count, mean, invstd, weight, coef);
     };
     reduce_then_apply<InputGradOp, GradientSums>(g, in, mean, merge_sums, finish,
-                                                 Streams<T, 2>{{dy, x}, dx}, ws, ex.device);
+                                                 Streams<S, 2>{{dy, x}, dx}, ws, ex.device);
     return;
   }
   // Frozen statistics: dx = dy * weight * invstd; the sums are only needed for the gradients.
@@ -491,7 +503,7 @@ void backward(const Shape& shape, const T* dy, const T* x, T* dx, Statistics kin
       coef[C + c] = T(0);
     }
   };
-  const Streams<T, 1> s{{dy}, dx};
+  const Streams<S, 1> s{{dy}, dx};
   if (grad_weight || grad_bias) {
     reduce_then_apply<ScaleShiftOp, GradientSums>(g, in, mean, merge_sums, finish, s, ws,
                                                   ex.device);
@@ -506,33 +518,35 @@ void backward(const Shape& shape, const T* dy, const T* x, T* dx, Statistics kin
 
 /// Training forward: normalizes x into y with the batch's own statistics, writes them to `stats`
 /// and updates `running`. y may be x (in place).
-template <class T>
-void forward_training(const Shape& shape, const T* x, T* y, double eps, Affine<T> affine = {},
-                      BatchStats<T> stats = {}, Running<T> running = {},
-                      const Execution<T>& ex = {}) {
-  detail::forward_training<T>(shape, x, y, eps, affine, stats, running, ex, nullptr, nullptr);
+template <class S>
+void forward_training(const Shape& shape, const S* x, S* y, double eps,
+                      Affine<Param<S>> affine = {}, BatchStats<Param<S>> stats = {},
+                      Running<Param<S>> running = {}, const Execution<Param<S>>& ex = {}) {
+  detail::forward_training<S>(shape, x, y, eps, affine, stats, running, ex, nullptr, nullptr);
 }
 /// The same, y = act(bn(x) + residual) in the one elementwise pass (see Fused).
-template <class T>
-void forward_training(const Shape& shape, const T* x, T* y, double eps, Affine<T> affine,
-                      BatchStats<T> stats, Running<T> running, const Execution<T>& ex,
-                      Fused<T> fused) {
-  detail::forward_training<T, true>(shape, x, y, eps, affine, stats, running, ex, nullptr,
+template <class S>
+void forward_training(const Shape& shape, const S* x, S* y, double eps, Affine<Param<S>> affine,
+                      BatchStats<Param<S>> stats, Running<Param<S>> running,
+                      const Execution<Param<S>>& ex, Fused<S> fused) {
+  detail::forward_training<S, true>(shape, x, y, eps, affine, stats, running, ex, nullptr,
                                     nullptr, {}, fused);
 }
 
 /// Inference forward: normalizes x into y with the given statistics (usually the running ones),
 /// folded with weight and bias into one scale and shift per channel. y may be x.
-template <class T>
-void forward_inference(const Shape& shape, const T* x, T* y, double eps, Affine<T> affine,
-                       const T* mean, const T* var, const Execution<T>& ex = {}) {
-  detail::forward_inference<T>(shape, x, y, eps, affine, mean, var, ex, nullptr, nullptr);
+template <class S>
+void forward_inference(const Shape& shape, const S* x, S* y, double eps, Affine<Param<S>> affine,
+                       const Param<S>* mean, const Param<S>* var,
+                       const Execution<Param<S>>& ex = {}) {
+  detail::forward_inference<S>(shape, x, y, eps, affine, mean, var, ex, nullptr, nullptr);
 }
 /// The same, y = act(bn(x) + residual) in the one elementwise pass (see Fused).
-template <class T>
-void forward_inference(const Shape& shape, const T* x, T* y, double eps, Affine<T> affine,
-                       const T* mean, const T* var, const Execution<T>& ex, Fused<T> fused) {
-  detail::forward_inference<T, true>(shape, x, y, eps, affine, mean, var, ex, nullptr, nullptr,
+template <class S>
+void forward_inference(const Shape& shape, const S* x, S* y, double eps, Affine<Param<S>> affine,
+                       const Param<S>* mean, const Param<S>* var, const Execution<Param<S>>& ex,
+                       Fused<S> fused) {
+  detail::forward_inference<S, true>(shape, x, y, eps, affine, mean, var, ex, nullptr, nullptr,
                                      fused);
 }
 
@@ -540,10 +554,10 @@ void forward_inference(const Shape& shape, const T* x, T* y, double eps, Affine<
 /// grad_bias = sum(dy), grad_weight = sum(dy * (x - mean)) * invstd, per channel.
 /// mean and invstd are what the forward used: BatchStats for Statistics::Batch, or the running
 /// mean and 1 / sqrt(running_var + eps) for Statistics::Frozen. dx may alias dy.
-template <class T>
-void backward(const Shape& shape, const T* dy, const T* x, T* dx, Statistics kind, const T* mean,
-              const T* invstd, const T* weight, T* grad_weight, T* grad_bias,
-              const Execution<T>& ex = {}) {
+template <class S>
+void backward(const Shape& shape, const S* dy, const S* x, S* dx, Statistics kind,
+              const Param<S>* mean, const Param<S>* invstd, const Param<S>* weight,
+              Param<S>* grad_weight, Param<S>* grad_bias, const Execution<Param<S>>& ex = {}) {
   detail::backward(shape, dy, x, dx, kind, detail::widened_mean(mean, shape, ex), invstd, weight,
                    grad_weight, grad_bias, ex);
 }
@@ -553,7 +567,7 @@ void backward(const Shape& shape, const T* dy, const T* x, T* dx, Statistics kin
 /// be dy, not y. `positive` may be the forward's y or the mask it wrote (Fused::positive).
 template <class T, class Positive>
 void relu_backward(Index n, const Positive* positive, const T* dy, T* out,
-                   const Execution<T>& ex = {}) {
+                   const Execution<Param<T>>& ex = {}) {
   static_assert(std::is_same_v<Positive, T> || std::is_same_v<Positive, std::uint8_t>,
                 "bnorm: relu_backward takes the forward's y or its mask of bytes");
   if (n < 0) detail::fail("expected n >= 0, got " + std::to_string(n));

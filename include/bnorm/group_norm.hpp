@@ -41,6 +41,8 @@ functional::Shape channel_shape(const std::array<Index, R>& d, Index channels, L
 /// ((N, *, C) with Layout::ChannelsLast); training and eval give the same output.
 template <class Scalar>
 class GroupNorm : public detail::Module<GroupNorm<Scalar>, Scalar, functional::Shape> {
+  static_assert(!detail::kNarrow<Scalar>,
+                "bnorm: GroupNorm takes float and double (16-bit storage is BatchNorm's)");
   using Base = detail::Module<GroupNorm, Scalar, functional::Shape>;
   friend Base;
   using Base::params_;

@@ -21,6 +21,8 @@ template <class Scalar, int Spatial>
 class InstanceNorm
     : public detail::Module<InstanceNorm<Scalar, Spatial>, Scalar, functional::Shape>,
       public detail::WithRunningStats<InstanceNorm<Scalar, Spatial>, Scalar> {
+  static_assert(!detail::kNarrow<Scalar>,
+                "bnorm: InstanceNorm takes float and double (16-bit storage is BatchNorm's)");
   using Base = detail::Module<InstanceNorm, Scalar, functional::Shape>;
   friend Base;
   using Base::params_;

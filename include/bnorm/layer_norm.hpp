@@ -49,6 +49,8 @@ struct RowNormTraits<RMSNormOptions> {
 /// least normalized_shape.size(); training and eval give the same output.
 template <class Scalar, class Opts>
 class RowNorm : public detail::Module<RowNorm<Scalar, Opts>, Scalar, detail::Rows> {
+  static_assert(!detail::kNarrow<Scalar>,
+                "bnorm: LayerNorm and RMSNorm take float and double (16-bit storage is BatchNorm's)");
   using Base = detail::Module<RowNorm, Scalar, detail::Rows>;
   using Traits = detail::RowNormTraits<Opts>;
   friend Base;

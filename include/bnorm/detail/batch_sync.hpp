@@ -132,7 +132,7 @@ class BatchSync {
   /// Step 1 and 2 of a training forward: this rank's moments, every rank's, merged in rank
   /// order into totals().
   void merge_moments(const functional::Shape& shape, const Scalar* x,
-                     const functional::Execution<Scalar>& ex) {
+                     const functional::Execution<functional::Param<Scalar>>& ex) {
     const Index C = shape.channels;
     totals_.resize(std::size_t(C));
     functional::detail::local_moments(shape, x, totals_.data(), ex);
@@ -165,8 +165,10 @@ class BatchSync {
   /// A backward with the statistics of the last merge_moments (mean, invstd): every rank's
   /// gradient sums summed in rank order give dx; the parameters' gradients are this rank's own.
   void backward(const functional::Shape& shape, const Scalar* dy, const Scalar* x, Scalar* dx,
-                const double* mean, const Scalar* invstd, const Scalar* weight,
-                Scalar* grad_weight, Scalar* grad_bias, const functional::Execution<Scalar>& ex) {
+                const double* mean, const functional::Param<Scalar>* invstd,
+                const functional::Param<Scalar>* weight, functional::Param<Scalar>* grad_weight,
+                functional::Param<Scalar>* grad_bias,
+                const functional::Execution<functional::Param<Scalar>>& ex) {
     const Index C = shape.channels;
     sums_.resize(std::size_t(C));
     functional::detail::local_gradient_sums(shape, dy, x, mean, sums_.data(), ex);

@@ -84,11 +84,11 @@ struct ArgTraits<X, std::enable_if_t<std::is_base_of_v<Eigen::DenseBase<Plain<X>
 ///   bool keeps_input() const;             // a forward copies its input for backward(dy)
 ///   void check_state() const;             // parameters and buffers still have their sizes
 ///   void forward_kernel(const Problem&, const Scalar* x, Scalar* y, Scalar* copy,
-///                       const functional::Execution<Scalar>&, bool batch_stats);
+///                       const functional::Execution<Param>&, bool batch_stats);
 ///   void infer_kernel(const Problem&, const Scalar* x, Scalar* y,
 ///                     const Eigen::ThreadPoolDevice*, bool batch_stats) const;
 ///   void backward_kernel(const Problem&, const Scalar* dy, const Scalar* x, Scalar* dx,
-///                        const functional::Execution<Scalar>&);
+///                        const functional::Execution<Param>&);
 /// and may hide check_input (a forward's check of the values). Problem has size(). A module
 /// takes a dense Eigen matrix as the rank-2 tensor of its (rows, cols), and a column-major one
 /// too where Derived hides kColumnMajorMatrices and column_major_problem, which gives the Problem
@@ -99,15 +99,19 @@ struct ArgTraits<X, std::enable_if_t<std::is_base_of_v<Eigen::DenseBase<Plain<X>
 /// function need exclusive access to it. Modules share nothing with each other.
 template <class Derived, class Scalar, class Problem>
 class Module {
-  static_assert(std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>,
-                "bnorm's modules support float and double");
+  static_assert(std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double> ||
+                    std::is_same_v<Scalar, Eigen::bfloat16> || std::is_same_v<Scalar, Eigen::half>,
+                "bnorm's modules support float and double, and BatchNorm Eigen::bfloat16 and "
+                "Eigen::half");
 
   template <class Y>
   using NotADevice =
       std::enable_if_t<!std::is_same_v<std::decay_t<Y>, Eigen::ThreadPoolDevice>>;
 
  public:
-  using Vector = Eigen::Tensor<Scalar, 1>;
+  /// The type of parameters, statistics and their gradients: Scalar, float for a Scalar of 16 bits.
+  using Param = functional::Param<Scalar>;
+  using Vector = Eigen::Tensor<Param, 1>;
   template <int Rank>
   using Output = Eigen::Tensor<Scalar, Rank, Eigen::RowMajor>;
 
@@ -221,7 +225,7 @@ class Module {
     if (momentum) functional::detail::check_momentum(*momentum, failure());
   }
 
-  Parameters<Scalar> params_;
+  Parameters<Param> params_;
 
   /// A forward's check of the input's values (Derived may hide it).
   template <std::size_t R>
@@ -237,7 +241,7 @@ class Module {
   /// Work of a forward that may still fail, after its checks and before it changes any state
   /// (Derived may hide it).
   template <std::size_t R>
-  void prepare_forward(const Problem&, const Scalar*, const functional::Execution<Scalar>&, bool,
+  void prepare_forward(const Problem&, const Scalar*, const functional::Execution<Param>&, bool,
                        const std::array<Index, R>&) {}
 
   /// Called where a forward's (forward true) or a backward's checks failed, before the
@@ -250,7 +254,7 @@ class Module {
   static Problem column_major_problem(const Problem& p, bool) { return p; }
 
   bool training_ = true;
-  functional::Workspace<Scalar> workspace_;
+  functional::Workspace<Param> workspace_;
 
   /// Runs checks(), telling Derived where they fail.
   template <class Checks>
@@ -378,7 +382,7 @@ class Module {
     // An empty batch: nothing to normalize, nothing learned (unless Derived runs it all the same).
     if (p.size() == 0 && !self().runs_on_empty(batch_stats)) return;
     const auto dims = ArgTraits<X>::dims(x);
-    const functional::Execution<Scalar> ex{device, &workspace_};
+    const functional::Execution<Param> ex{device, &workspace_};
     self().prepare_forward(p, x.data(), ex, batch_stats, dims);
     // Everything that can fail has been checked; allocate before changing any state.
     const bool keep = self().keeps_input();
@@ -449,7 +453,7 @@ class Module {
   template <class DY, class DX>
   void backward_from(const Scalar* x, const DY& dy, DX& dx, const Eigen::ThreadPoolDevice* device) {
     self().backward_kernel(saved_problem_, dy.data(), x, dx.data(),
-                           functional::Execution<Scalar>{device, &workspace_});
+                           functional::Execution<Param>{device, &workspace_});
   }
 
   // What backward needs from the last forward (the module keeps its own statistics).

@@ -39,13 +39,13 @@ inline constexpr Index kLanes = ei::unpacket_traits<Packet<T>>::size;
 using Wide = Packet<double>;
 inline constexpr Index kWideLanes = kLanes<double>;
 
-/// Loads kWideLanes values of type T starting at p, converted to double.
+/// Loads kWideLanes values of type T starting at p, converted to double (T: float, double, or
+/// a 16-bit storage type, see storage.hpp).
 template <class T>
 inline Wide load_wide(const T* p) {
   if constexpr (std::is_same_v<T, double>) {
     return ei::ploadu<Wide>(p);
-  } else {
-    static_assert(std::is_same_v<T, float>, "bnorm supports float and double");
+  } else if constexpr (std::is_same_v<T, float>) {
 #if defined(EIGEN_VECTORIZE_AVX512)
     return _mm512_cvtps_pd(_mm256_loadu_ps(p));
 #elif defined(EIGEN_VECTORIZE_AVX)
@@ -57,6 +57,10 @@ inline Wide load_wide(const T* p) {
     for (Index i = 0; i < kWideLanes; ++i) widened[i] = static_cast<double>(p[i]);
     return ei::ploadu<Wide>(widened);
 #endif
+  } else {  // 16-bit storage (storage.hpp): a value at a time, through float
+    alignas(64) double widened[kWideLanes];
+    for (Index i = 0; i < kWideLanes; ++i) widened[i] = static_cast<double>(static_cast<float>(p[i]));
+    return ei::pload<Wide>(widened);
   }
 }
 
@@ -100,7 +104,7 @@ inline Packet<T> permute(const Packet<T>& p, const LaneIndex<T>* index) {
 /// a copy through a small buffer elsewhere. Nothing at or past p + n is read or written.
 /// The other lanes of a loaded packet hold `fill`.
 template <class T>
-inline Packet<T> load_first(const T* p, Index n, T fill = T(0)) {
+inline Packet<T> load_first_native(const T* p, Index n, T fill = T(0)) {
 #if defined(EIGEN_VECTORIZE_AVX512)
   const auto m = static_cast<__mmask16>((1u << n) - 1);
   if constexpr (std::is_same_v<T, float>) return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), m, p);
@@ -121,7 +125,7 @@ inline Packet<T> load_first(const T* p, Index n, T fill = T(0)) {
 }
 
 template <class T>
-inline void store_first(T* p, const Packet<T>& v, Index n) {
+inline void store_first_native(T* p, const Packet<T>& v, Index n) {
 #if defined(EIGEN_VECTORIZE_AVX512)
   const auto m = static_cast<__mmask16>((1u << n) - 1);
   if constexpr (std::is_same_v<T, float>) _mm512_mask_storeu_ps(p, m, v);
@@ -163,8 +167,8 @@ inline void store_positive(std::uint8_t* p, const Packet<T>& v, Index n = kLanes
 template <class T>
 inline Wide load_wide_first(const T* p, Index n, double fill) {
   if constexpr (std::is_same_v<T, double>) {
-    return load_first(p, n, fill);
-  } else {
+    return load_first_native(p, n, fill);
+  } else if constexpr (std::is_same_v<T, float>) {
 #if defined(EIGEN_VECTORIZE_AVX512)
     const auto m = static_cast<__mmask8>((1u << n) - 1);
     const __m256 v = _mm512_castps512_ps256(_mm512_maskz_loadu_ps(m, p));
@@ -178,6 +182,11 @@ inline Wide load_wide_first(const T* p, Index n, double fill) {
     for (Index i = 0; i < kWideLanes; ++i) buffer[i] = i < n ? static_cast<double>(p[i]) : fill;
     return ei::pload<Wide>(buffer);
 #endif
+  } else {
+    alignas(64) double buffer[kWideLanes];
+    for (Index i = 0; i < kWideLanes; ++i)
+      buffer[i] = i < n ? static_cast<double>(static_cast<float>(p[i])) : fill;
+    return ei::pload<Wide>(buffer);
   }
 }
 
@@ -203,7 +212,7 @@ inline Wide sqrt_exact(const Wide& v) {
 /// Stores a packet at an address aligned to the packet's size, bypassing the caches where the
 /// target has such a store.
 template <class T>
-inline void stream_store(T* p, const Packet<T>& v) {
+inline void stream_store_native(T* p, const Packet<T>& v) {
 #if defined(EIGEN_VECTORIZE_AVX512)
   if constexpr (std::is_same_v<T, float>) _mm512_stream_ps(p, v);
   else _mm512_stream_pd(p, v);

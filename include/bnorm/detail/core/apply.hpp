@@ -64,11 +64,13 @@ void split_in(int parts, Index first, Index count, Fn fn) {
 /// stored non-temporally at aligned addresses; runs whose alignments differ go one by one, as do
 /// runs with an output that trails an input closely (see kAliasBytes), loaded kAhead packets
 /// ahead.
-template <class Op, bool kStream, int K, int kAhead = 0, class T, class Coefs>
-void apply_runs(const Streams<T, Op::kInputs>& s, const Index* off, Index n, Coefs k) {
+template <class Op, bool kStream, int K, int kAhead = 0, class S, class Coefs>
+void apply_runs(const Streams<S, Op::kInputs>& s, const Index* off, Index n, Coefs k) {
+  using T = Compute<S>;
   using P = Packet<T>;
   constexpr Index L = kLanes<T>;
-  auto misalignment = [](const T* p) { return reinterpret_cast<std::uintptr_t>(p) % sizeof(P); };
+  constexpr auto kBytes = std::uintptr_t(kPacketBytes<S>);
+  auto misalignment = [](const S* p) { return reinterpret_cast<std::uintptr_t>(p) % kBytes; };
   for (int r = 1; r < K; ++r) {
     if (misalignment(s.out + off[r]) != misalignment(s.out + off[0]) ||
         (s.copy && misalignment(s.copy + off[r]) != misalignment(s.copy + off[0]))) {
@@ -81,7 +83,7 @@ void apply_runs(const Streams<T, Op::kInputs>& s, const Index* off, Index n, Coe
     for (int r = 0; r < K; ++r)
       for (int q = 0; q < K; ++q)
         for (int j = 0; j < Op::kInputs; ++j) {
-          const T* input = s.in[j] + off[q];
+          const S* input = s.in[j] + off[q];
           trails = trails || trails_closely(s.out + off[r], input) ||
                    (s.copy && trails_closely(s.copy + off[r], input));
         }
@@ -92,9 +94,9 @@ void apply_runs(const Streams<T, Op::kInputs>& s, const Index* off, Index n, Coe
   }
   // Where each run reads and writes, in locals: the compiler must assume that stores through
   // packets may change anything in memory, s and off[] included.
-  const T* in[std::size_t(K)][std::size_t(Op::kInputs)];
-  T* out[std::size_t(K)];
-  T* copy[std::size_t(K)];
+  const S* in[std::size_t(K)][std::size_t(Op::kInputs)];
+  S* out[std::size_t(K)];
+  S* copy[std::size_t(K)];
   std::uint8_t* positive[std::size_t(K)];
   for (int r = 0; r < K; ++r) {
     for (int j = 0; j < Op::kInputs; ++j) in[r][j] = s.in[j] + off[r];
@@ -120,16 +122,16 @@ void apply_runs(const Streams<T, Op::kInputs>& s, const Index* off, Index n, Coe
           });
           if (i + (kAhead + 1) * L <= n)  // before this packet's stores
             unroll<Op::kInputs>([&](int j) {
-              ahead[kAhead - 1][r][j] = ei::ploadu<P>(in[r][j] + i + kAhead * L);
+              ahead[kAhead - 1][r][j] = load(in[r][j] + i + kAhead * L);
             });
         } else {
-          unroll<Op::kInputs>([&](int j) { v[j] = ei::ploadu<P>(in[r][j] + i); });
+          unroll<Op::kInputs>([&](int j) { v[j] = load(in[r][j] + i); });
         }
         const P y = Op::apply(v, kp);
         if (kStream && stream) stream_store(out[r] + i, y);
-        else ei::pstoreu(out[r] + i, y);
+        else store(out[r] + i, y);
         if (kStream && stream_copy) stream_store(copy[r] + i, v[0]);
-        else if (copy[r]) ei::pstoreu(copy[r] + i, v[0]);
+        else if (copy[r]) store(copy[r] + i, v[0]);
         if (positive[r]) store_positive<T>(positive[r] + i, y);
       } else {
         unroll<Op::kInputs>([&](int j) { v[j] = load_first(in[r][j] + i, count); });
@@ -146,8 +148,8 @@ void apply_runs(const Streams<T, Op::kInputs>& s, const Index* off, Index n, Coe
   Index i = 0;
   bool stream = false, stream_copy = false;
   const auto m = misalignment(out[0]);
-  if (m % sizeof(T) == 0 && (kCutsFirstPacket<Coefs> || m == 0)) {  // else misaligned packets
-    i = std::min(n, Index((sizeof(P) - m) % sizeof(P) / sizeof(T)));
+  if (m % sizeof(S) == 0 && (kCutsFirstPacket<Coefs> || m == 0)) {  // else misaligned packets
+    i = std::min(n, Index((kBytes - m) % kBytes / sizeof(S)));
     if (i > 0) packets(0, 0, i, std::false_type{}, false, false);
     k.next(i);
     stream = kStream;
@@ -157,7 +159,7 @@ void apply_runs(const Streams<T, Op::kInputs>& s, const Index* off, Index n, Coe
     unroll<kAhead>([&](int a) {
       if (i + (a + 1) * L <= n)
         unroll<K>([&](int r) {
-          unroll<Op::kInputs>([&](int j) { ahead[a][r][j] = ei::ploadu<P>(in[r][j] + i + a * L); });
+          unroll<Op::kInputs>([&](int j) { ahead[a][r][j] = load(in[r][j] + i + a * L); });
         });
     });
   // Stretches of whole packets up to where the coefficients wrap around.
@@ -174,14 +176,15 @@ void apply_runs(const Streams<T, Op::kInputs>& s, const Index* off, Index n, Coe
 
 /// ALONG: rows [o0, o1) of channels [c0, c1), in `parts` parts side by side.
 /// coef[k * channels + c] is coefficient k of c.
-template <class Op, bool kStream, class T>
-void apply_along(const Geometry& g, const Streams<T, Op::kInputs>& s, const T* coef, Index o0,
-                 Index o1, Index c0, Index c1, int parts) {
+template <class Op, bool kStream, class S>
+void apply_along(const Geometry& g, const Streams<S, Op::kInputs>& s, const Compute<S>* coef,
+                 Index o0, Index o1, Index c0, Index c1, int parts) {
+  using T = Compute<S>;
   // A row's channels go as one run where no packet straddles two of them: runs of a multiple of
   // the packet size, and no cut first packet (apply_runs aligns its stores); or where packets
   // take their coefficients blended from two channels' (short runs). Else a run per channel.
   const bool whole_rows = g.inner % kLanes<T> == 0 &&
-                          reinterpret_cast<std::uintptr_t>(s.out) % sizeof(Packet<T>) == 0;
+                          reinterpret_cast<std::uintptr_t>(s.out) % kPacketBytes<S> == 0;
   const bool blended = !whole_rows && g.inner >= kLanes<T> && g.inner < kShortRun;
   split_in(parts, o0, o1 - o0, [&](const Index* starts, Index rows, auto tag) {
     constexpr int K = decltype(tag)::value;
@@ -217,8 +220,8 @@ Index chunk_table_size(const Geometry& g, Index channels, int coefs) {
 
 /// ALONG, short runs: Op over rows [o0, o1) of channels [c0, c1), each row's channels as one
 /// run, in `parts` parts side by side. `table` has room for chunk_table_size.
-template <class Op, bool kStream, class T>
-void apply_chunk(const Geometry& g, const Streams<T, Op::kInputs>& s, const T* coef, T* table,
+template <class Op, bool kStream, class S, class T>
+void apply_chunk(const Geometry& g, const Streams<S, Op::kInputs>& s, const T* coef, T* table,
                  Index c0, Index c1, Index o0, Index o1, int parts) {
   const auto k = layout_row_coefs(Op::kCoefs, g.channels, c0, c1, g.inner, coef, table);
   split_in(parts, o0, o1 - o0, [&](const Index* starts, Index rows, auto tag) {
@@ -235,9 +238,10 @@ void apply_chunk(const Geometry& g, const Streams<T, Op::kInputs>& s, const T* c
 /// takes the blocks of rows it reduced and walks them from the last to the first, so that it
 /// starts on what is still in its cache (where there are fewer blocks than workers, the rows
 /// are shared out evenly instead).
-template <class Op, bool kStream, class T>
-void apply_all(const Plan& p, const Geometry& g, const Streams<T, Op::kInputs>& s,
-               Workspace<T>& ws, const Eigen::ThreadPoolDevice* device) {
+template <class Op, bool kStream, class S>
+void apply_all(const Plan& p, const Geometry& g, const Streams<S, Op::kInputs>& s,
+               Workspace<Compute<S>>& ws, const Eigen::ThreadPoolDevice* device) {
+  using T = Compute<S>;
   const T* coef = ws.coefs.data();
   int parts = p.parts;
   const Index width = g.channels * g.inner;  // of a row
@@ -262,7 +266,7 @@ void apply_all(const Plan& p, const Geometry& g, const Streams<T, Op::kInputs>& 
     // apart_from).
     ws.row_coefs.resize(std::size_t(Op::kCoefs * RowCoefs<T>::stride_for(g.channels)) +
                         kPageBytes / sizeof(T));
-    const T* streams[Op::kInputs + 2];
+    const S* streams[Op::kInputs + 2];
     for (int j = 0; j < Op::kInputs; ++j) streams[j] = s.in[j];
     streams[Op::kInputs] = s.out;
     streams[Op::kInputs + 1] = s.copy ? s.copy : s.out;
@@ -323,8 +327,8 @@ void apply_all(const Plan& p, const Geometry& g, const Streams<T, Op::kInputs>& 
 }
 
 /// Step 3 over the whole tensor as plan p says, with the coefficients in ws.coefs.
-template <class Op, class T>
-void apply_all(const Plan& p, const Streams<T, Op::kInputs>& s, Workspace<T>& ws,
+template <class Op, class S>
+void apply_all(const Plan& p, const Streams<S, Op::kInputs>& s, Workspace<Compute<S>>& ws,
                const Eigen::ThreadPoolDevice* device) {
   const Geometry& g = p.whole;
   const Index C = g.channels, P = p.view.channels, head = p.view.outer * p.period;
@@ -341,22 +345,22 @@ void apply_all(const Plan& p, const Streams<T, Op::kInputs>& s, Workspace<T>& ws
   if (p.period > 1) {
     std::swap(ws.coefs, ws.period_coefs);
     if (head < g.outer) {  // the rows left over, as they are
-      Streams<T, Op::kInputs> rest = s;
+      Streams<S, Op::kInputs> rest = s;
       for (auto& in : rest.in) in += head * C;
       rest.out += head * C;
       if (rest.copy) rest.copy += head * C;
       if (rest.positive) rest.positive += head * C;
-      apply_all<Op>(make_plan<T>(Geometry{g.outer - head, C, 1}, p.traffic, 1), rest, ws, nullptr);
+      apply_all<Op>(make_plan<S>(Geometry{g.outer - head, C, 1}, p.traffic, 1), rest, ws, nullptr);
     }
   }
 }
 
 /// Step 3 alone (inference), planned here.
-template <class Op, class T>
-void apply_all(const Geometry& g, const Streams<T, Op::kInputs>& s, Workspace<T>& ws,
+template <class Op, class S>
+void apply_all(const Geometry& g, const Streams<S, Op::kInputs>& s, Workspace<Compute<S>>& ws,
                const Eigen::ThreadPoolDevice* device) {
   const Traffic traffic{0, Op::kInputs, s.copy != nullptr};
-  apply_all<Op>(make_plan<T>(g, traffic, workers(device)), s, ws, device);
+  apply_all<Op>(make_plan<S>(g, traffic, workers(device)), s, ws, device);
 }
 
 }  // namespace detail

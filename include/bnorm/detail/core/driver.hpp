@@ -47,18 +47,19 @@ void inverse_std(const V* var, Index n, double eps, double* invstd) {
 /// all workers: shorter runs are read a whole row at a time, which groups would cut into short
 /// pieces, slower where the elementwise pass waits on its stores, not on its loads. Either way, every block is reduced by the same code and merged in the same order:
 /// the results do not depend on the split.
-template <class Op, class Step, class T, class Merge, class Finish>
-void reduce_then_apply(const Geometry& whole, const T* const* reduce_in, const double* centers,
-                       Merge merge, Finish finish, const Streams<T, Op::kInputs>& s,
-                       Workspace<T>& ws, const Eigen::ThreadPoolDevice* device,
+template <class Op, class Step, class S, class Merge, class Finish>
+void reduce_then_apply(const Geometry& whole, const S* const* reduce_in, const double* centers,
+                       Merge merge, Finish finish, const Streams<S, Op::kInputs>& s,
+                       Workspace<Compute<S>>& ws, const Eigen::ThreadPoolDevice* device,
                        Index granule = 1) {
+  using T = Compute<S>;  // S: how the tensors are stored
   constexpr bool kMoments = std::is_void_v<Step>;
   constexpr bool kApplies = !std::is_same_v<Op, ReduceOnly>;
   constexpr int kReduceInputs = [] {
     if constexpr (kMoments) return 1;
     else return Step::kInputs;
   }();
-  const Plan plan = make_plan<T>(
+  const Plan plan = make_plan<S>(
       whole, Traffic{kReduceInputs, kApplies ? Op::kInputs : 0, s.copy != nullptr}, workers(device));
   // ACROSS rows of few channels are reduced q at a time, as rows of q * C channels (see
   // period_rows): g is that view, whose channel p is channel p % C of `whole`, and whose sums are
@@ -107,7 +108,7 @@ void reduce_then_apply(const Geometry& whole, const T* const* reduce_in, const d
       if constexpr (kMoments) {
         out[c - c0] = moments_along(reduce_in[0] + off, C * g.inner, e.rows, e.len);
       } else {
-        const T* in[Step::kInputs];
+        const S* in[Step::kInputs];
         for (int k = 0; k < Step::kInputs; ++k) in[k] = reduce_in[k] + off;
         out[c - c0] = step_sums_along<Step>(in, C * g.inner, e.rows, e.len, centers[c]);
       }
@@ -118,7 +119,7 @@ void reduce_then_apply(const Geometry& whole, const T* const* reduce_in, const d
     if (!swept) return reduce_runs(b, c0, c1);
     Partial* out = part + b * C + c0;
     const Index pitch = C * g.inner, rows = bl.swept_rows(g, b);
-    const T* in[std::size_t(kReduceInputs)];
+    const S* in[std::size_t(kReduceInputs)];
     for (int k = 0; k < kReduceInputs; ++k)
       in[k] = reduce_in[k] + b * bl.rows * pitch + c0 * g.inner;
     if (by_rows) {
@@ -220,7 +221,7 @@ void reduce_then_apply(const Geometry& whole, const T* const* reduce_in, const d
     Partial* rest = part + C * bl.blocks;
     Partial* total = rest + wc;
     if (head < whole.outer) {
-      const T* in[std::size_t(kReduceInputs)];
+      const S* in[std::size_t(kReduceInputs)];
       for (int k = 0; k < kReduceInputs; ++k) in[k] = reduce_in[k] + head * wc;
       const auto scratch = scratch_room(sweep_values_size<T>(wc), sweep_sums_size<T>(wc));
       const Index rows = whole.outer - head;

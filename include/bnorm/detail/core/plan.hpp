@@ -127,9 +127,12 @@ struct Plan {
   int parts = 1;        ///< step 3 walks this many distant parts of its rows side by side
 };
 
-template <class T>
+/// S: the type the tensors are stored in; its size is what the decisions on bytes take, its
+/// compute type's packets what the decisions on lanes take.
+template <class S>
 Plan make_plan(const Geometry& whole, const Traffic& traffic, Index workers,
                const Tuning& machine = tuning()) {
+  using T = Compute<S>;
   Plan p;
   p.whole = whole;
   p.traffic = traffic;
@@ -149,23 +152,23 @@ Plan make_plan(const Geometry& whole, const Traffic& traffic, Index workers,
   const bool groups =
       traffic.reduce_inputs > 0 &&
       (p.reduction == Reduction::Runs ||
-       (by_rows && rows_in_groups(g, traffic.reduce_inputs, sizeof(T), p.whole_cache_bytes))) &&
+       (by_rows && rows_in_groups(g, traffic.reduce_inputs, sizeof(S), p.whole_cache_bytes))) &&
       (p.workers == 1 || C >= 4 * p.workers);
   if (groups) {
     p.split = Split::Groups;
     p.group_channels =
-        channels_per_group(g, traffic.reduce_inputs, sizeof(T), p.workers, machine);
+        channels_per_group(g, traffic.reduce_inputs, sizeof(S), p.workers, machine);
   } else if (g.across()) {
-    p.split = whole_blocks(g, p.blocking, p.workers, sizeof(T)) ? Split::WholeBlocks
+    p.split = whole_blocks(g, p.blocking, p.workers, sizeof(S)) ? Split::WholeBlocks
                                                                 : Split::ChannelPackets;
   } else {
     p.split = by_rows ? Split::Channels : Split::Pieces;
   }
-  p.merge_on_workers = fine_split(g, p.workers, sizeof(T));
+  p.merge_on_workers = fine_split(g, p.workers, sizeof(S));
   const int tensors = traffic.apply_inputs + 1 + (traffic.copy ? 1 : 0);
   if (traffic.reduce_inputs == 0) p.reduction = Reduction::None;
-  p.stream = streams_output(whole, tensors, sizeof(T), p.workers, machine);
-  p.parts = apply_parts(g, traffic.apply_inputs + 1, sizeof(T), machine);
+  p.stream = streams_output(whole, tensors, sizeof(S), p.workers, machine);
+  p.parts = apply_parts(g, traffic.apply_inputs + 1, sizeof(S), machine);
   return p;
 }
 

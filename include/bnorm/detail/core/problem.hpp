@@ -10,7 +10,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "../simd.hpp"
+#include "../storage.hpp"
 
 #include "../warnings_begin.hpp"
 

@@ -48,8 +48,8 @@ Index row_sums_size(Index C) {
 /// kTermsInT values per lane, before they are added lane by lane to its sums in double (at
 /// wide), whose lanes are added up at the end. A channel whose sums are not finite is summed
 /// again in double on its own.
-template <class Step, class T>
-void row_sums(const T* const* in, Index pitch, Index C, Index inner, Index rows, T* room,
+template <class Step, class S, class T>
+void row_sums(const S* const* in, Index pitch, Index C, Index inner, Index rows, T* room,
               double* wide, Partial* out) {
   using P = Packet<T>;
   constexpr Index L = kLanes<T>;
@@ -70,7 +70,7 @@ void row_sums(const T* const* in, Index pitch, Index C, Index inner, Index rows,
         unroll<R>([&](int j) {
           P v[Step::kInputs];
           const Index at = (r + j) * pitch + c * inner + t * L;
-          unroll<Step::kInputs>([&](int i) { v[i] = ei::ploadu<P>(in[i] + at); });
+          unroll<Step::kInputs>([&](int i) { v[i] = load(in[i] + at); });
           Step::add(v, k, a[j], b[j]);
         });
       }
@@ -115,8 +115,8 @@ void row_sums(const T* const* in, Index pitch, Index C, Index inner, Index rows,
 }
 
 /// Step's sums over a block of rows in row order, centered on center[c] (see row_sums).
-template <class Step, class T>
-void step_sums_in_rows(const T* const* in, Index pitch, Index C, Index inner, Index rows,
+template <class Step, class S, class T>
+void step_sums_in_rows(const S* const* in, Index pitch, Index C, Index inner, Index rows,
                        const double* center, SweepScratch<T> scratch, Partial* out) {
   T* room = scratch.values;
   T* near = room + 2 * kLanes<T> * C;  // the centers rounded to T: subtractions near them are exact
@@ -127,8 +127,8 @@ void step_sums_in_rows(const T* const* in, Index pitch, Index C, Index inner, In
 
 /// Moments over a block of rows in row order, in one pass: a channel's shift is the mean of its
 /// first kShiftValues values (or all of its first row's, if fewer), see shift_of.
-template <class T>
-void moments_in_rows(const T* x, Index pitch, Index C, Index inner, Index rows,
+template <class S, class T>
+void moments_in_rows(const S* x, Index pitch, Index C, Index inner, Index rows,
                      SweepScratch<T> scratch, Partial* out) {
   T* shift = scratch.values + 2 * kLanes<T> * C;
   for (Index c = 0; c < C; ++c) shift[c] = T(shift_of(x + c * inner, std::min(inner, kShiftValues)));

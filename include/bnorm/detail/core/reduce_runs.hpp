@@ -35,12 +35,12 @@ struct RunSums {
   /// `ahead` bytes ahead of the loads as it goes (if ahead > 0).
   template <class Step, class T>
   void add(const T* const* in, Index off, Index len, const P& c, Scalar center, Index ahead) {
-    auto load = [&](const T* p) {
-      if constexpr (std::is_same_v<Scalar, T>) return ei::ploadu<P>(p);
+    auto load_packet = [&](const T* p) {
+      if constexpr (std::is_same_v<Scalar, Compute<T>>) return detail::load(p);
       else return load_wide(p);
     };
     auto load_first_n = [&](const T* p, Index n, Scalar fill) {
-      if constexpr (std::is_same_v<Scalar, T>) return load_first(p, n, T(fill));
+      if constexpr (std::is_same_v<Scalar, Compute<T>>) return load_first(p, n, fill);
       else return load_wide_first(p, n, fill);
     };
     Index i = 0;
@@ -50,12 +50,12 @@ struct RunSums {
         for (int k = 0; k < Step::kInputs; ++k)
           prefetch_ahead(in[k] + off + i, ahead, U * L * Index(sizeof(T)));
       unroll<U>([&](int u) {
-        unroll<Step::kInputs>([&](int k) { v[u][k] = load(in[k] + off + i + u * L); });
+        unroll<Step::kInputs>([&](int k) { v[u][k] = load_packet(in[k] + off + i + u * L); });
         Step::add(v[u], c, a[u], b[u]);
       });
     }
     for (int u = 0; i + L <= len; i += L, ++u) {
-      for (int k = 0; k < Step::kInputs; ++k) v[0][k] = load(in[k] + off + i);
+      for (int k = 0; k < Step::kInputs; ++k) v[0][k] = load_packet(in[k] + off + i);
       Step::add(v[0], c, a[u], b[u]);
     }
     if (i < len) {
@@ -87,11 +87,12 @@ struct RunSums {
 /// is summed again in double.
 inline constexpr Index kTermsInT = 64;
 
-template <class Step, class T>
-Partial step_sums_along(const T* const* in, Index stride, Index runs, Index len, double center) {
+template <class Step, class S>
+Partial step_sums_along(const S* const* in, Index stride, Index runs, Index len, double center) {
+  using T = Compute<S>;
   auto sums_in = [&](auto sums, auto at) {
     const auto c = ei::pset1<typename decltype(sums)::P>(at);
-    const Index bytes = len * Index(sizeof(T));
+    const Index bytes = len * Index(sizeof(S));
     const bool short_runs = bytes <= kShortRunBytes;
     for (Index r = 0; r < runs; ++r) {
       if (short_runs && r + kRunsAhead < runs)
@@ -113,9 +114,9 @@ Partial step_sums_along(const T* const* in, Index stride, Index runs, Index len,
 }
 
 /// Moments of one ALONG block in one pass over it.
-template <class T>
-Partial moments_along(const T* x, Index stride, Index runs, Index len) {
-  const double shift = double(static_cast<T>(shift_of(x, std::min(len, kShiftValues))));  // see recenter
+template <class S>
+Partial moments_along(const S* x, Index stride, Index runs, Index len) {
+  const double shift = double(static_cast<Compute<S>>(shift_of(x, std::min(len, kShiftValues))));  // see recenter
   return centered_to_moments(step_sums_along<CenteredSums>(&x, stride, runs, len, shift), shift,
                              1.0 / double(runs * len));
 }

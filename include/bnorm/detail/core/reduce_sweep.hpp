@@ -59,10 +59,10 @@ Index sweep_values_size(Index width) {
 /// a lattice
 /// with the period gcd(pitch bytes, 4 KiB), shifted by each input's start: the tables go to the
 /// middle of the widest gap between the inputs' lattices, on a cache line.
-template <int kInputs, class T>
-T* apart_from(T* room, const T* const* in, Index pitch) {
+template <int kInputs, class T, class S>
+T* apart_from(T* room, const S* const* in, Index pitch) {
   constexpr std::uintptr_t line = 64;
-  const auto step = std::uintptr_t(pitch) * sizeof(T) % kPageBytes;
+  const auto step = std::uintptr_t(pitch) * sizeof(S) % kPageBytes;
   const std::uintptr_t period = std::max(line, step == 0 ? kPageBytes : std::gcd(step, kPageBytes));
   std::uintptr_t at[std::size_t(kInputs)];
   for (int i = 0; i < kInputs; ++i) at[i] = reinterpret_cast<std::uintptr_t>(in[i]) % period;
@@ -115,12 +115,13 @@ Index period_rows(const Geometry& g) {
 /// Step's sums of `width` positions over the R rows row[0..R) of a block (rows `pitch` values
 /// apart), centered on near[], added to the accumulators acc (set s of sum q at
 /// acc[(2 * s + q) * stride]; row[j] into set (S + j) % kSets), or written there if kFresh.
-template <class Step, int R, int kSets, int S, bool kFresh, class T>
-void sweep_rows(const T* const* in, Index pitch, Index width, const Index* row, const T* near,
-                T* acc, Index stride) {
+template <class Step, int R, int kSets, int S, bool kFresh, class Stored>
+void sweep_rows(const Stored* const* in, Index pitch, Index width, const Index* row,
+                const Compute<Stored>* near, Compute<Stored>* acc, Index stride) {
+  using T = Compute<Stored>;
   using P = Packet<T>;
   constexpr Index L = kLanes<T>;
-  const T* at[std::size_t(R)][std::size_t(Step::kInputs)];
+  const Stored* at[std::size_t(R)][std::size_t(Step::kInputs)];
   for (int j = 0; j < R; ++j)
     for (int i = 0; i < Step::kInputs; ++i) at[j][i] = in[i] + row[j] * pitch;
   auto packets = [&](Index c, auto cut) {
@@ -133,7 +134,7 @@ void sweep_rows(const T* const* in, Index pitch, Index width, const Index* row, 
       P v[Step::kInputs];
       unroll<Step::kInputs>([&](int i) {
         if constexpr (decltype(cut)::value) v[i] = load_first(at[j][i] + c, width - c);
-        else v[i] = ei::ploadu<P>(at[j][i] + c);
+        else v[i] = load(at[j][i] + c);
       });
       Step::add(v, k, sum[(S + j) % kSets][0], sum[(S + j) % kSets][1]);
     });
@@ -156,13 +157,13 @@ inline double sum_of(const double* p, Index n) {
 /// Step's sums in double of positions [first, first + len) of `rows` rows (`pitch` values apart),
 /// centered on `center`: a channel whose sums in T are not finite (values near T's maximum, NaN,
 /// inf) is summed again this way, on its own, so that it cannot change another channel's bits.
-template <class Step, class T>
-Partial sums_in_double(const T* const* in, Index pitch, Index rows, Index first, Index len,
+template <class Step, class S>
+Partial sums_in_double(const S* const* in, Index pitch, Index rows, Index first, Index len,
                        double center) {
   double a = 0, b = 0, v[Step::kInputs];
   for (Index r = 0; r < rows; ++r) {
     for (Index p = first; p < first + len; ++p) {
-      for (int i = 0; i < Step::kInputs; ++i) v[i] = double(in[i][r * pitch + p]);
+      for (int i = 0; i < Step::kInputs; ++i) v[i] = double(computed(in[i][r * pitch + p]));
       Step::add(v, center, a, b);
     }
   }
@@ -174,8 +175,8 @@ Partial sums_in_double(const T* const* in, Index pitch, Index rows, Index first,
 /// sweep_sets). near[] may be the first part of scratch.values. A channel whose sums in T are not
 /// finite (values near T's maximum, NaN, inf) is summed again in double on its own, so it cannot
 /// change another channel's bits.
-template <class Step, class T>
-void sweep_across(const T* const* in, Index pitch, Index C, Index inner, Index rows, int sets,
+template <class Step, class S, class T>
+void sweep_across(const S* const* in, Index pitch, Index C, Index inner, Index rows, int sets,
                   const T* near, SweepScratch<T> scratch, Partial* out) {
   const Index width = C * inner;
   const Index stride = padded<T>(width);  // a whole number of packets of T, and so of doubles
@@ -241,8 +242,8 @@ void spread(const V* value, Index C, Index inner, T* table) {
 }
 
 /// Step's sums over a block of rows, centered on center[c] (see sweep_across).
-template <class Step, class T>
-void step_sums_across(const T* const* in, Index pitch, Index C, Index inner, Index rows, int sets,
+template <class Step, class S, class T>
+void step_sums_across(const S* const* in, Index pitch, Index C, Index inner, Index rows, int sets,
                       const double* center, SweepScratch<T> scratch, Partial* out) {
   scratch.values = apart_from<Step::kInputs>(scratch.values, in, pitch);
   T* near = scratch.values;  // the centers rounded to T: subtractions near them are exact
@@ -254,8 +255,8 @@ void step_sums_across(const T* const* in, Index pitch, Index C, Index inner, Ind
 
 /// Moments over a block of rows in one pass: a channel's shift is the mean of its first
 /// positions of its first rows, at least 16 values where the block has them (see shift_of).
-template <class T>
-void moments_across(const T* x, Index pitch, Index C, Index inner, Index rows, int sets,
+template <class S, class T>
+void moments_across(const S* x, Index pitch, Index C, Index inner, Index rows, int sets,
                     SweepScratch<T> scratch, Partial* out) {
   using P = Packet<T>;
   constexpr Index L = kLanes<T>;
@@ -265,10 +266,10 @@ void moments_across(const T* x, Index pitch, Index C, Index inner, Index rows, i
   T* shift = scratch.values;  // first per position, then per channel, then spread
   std::fill_n(shift, stride, T(0));
   for (Index r = 0; r < m; ++r) {
-    const T* row = x + r * pitch;
+    const S* row = x + r * pitch;
     Index c = 0;
     for (; c + L <= width; c += L)
-      ei::pstoreu(shift + c, ei::padd(ei::ploadu<P>(shift + c), ei::ploadu<P>(row + c)));
+      ei::pstoreu(shift + c, ei::padd(ei::ploadu<P>(shift + c), load(row + c)));
     if (c < width)
       ei::pstoreu(shift + c, ei::padd(ei::ploadu<P>(shift + c), load_first(row + c, width - c)));
   }
@@ -284,7 +285,10 @@ void moments_across(const T* x, Index pitch, Index C, Index inner, Index rows, i
     }
   }
   for (Index c = 0; c < C; ++c)
-    if (!std::isfinite(shift[c])) shift[c] = std::isfinite(x[c * inner]) ? x[c * inner] : T(0);
+    if (!std::isfinite(shift[c])) {
+      const T first = computed(x[c * inner]);
+      shift[c] = std::isfinite(first) ? first : T(0);
+    }
   if (inner > 1)  // from the last channel down: channel c's value is read before it is covered
     for (Index c = C; c-- > 0;) std::fill_n(shift + c * inner, inner, shift[c]);
   sweep_across<CenteredSums>(&x, pitch, C, inner, rows, sets, shift, scratch, out);

@@ -1,0 +1,159 @@
+#pragma once
+// Storage types apart from the type the kernels compute in: a tensor of Eigen::bfloat16 or
+// Eigen::half is read into packets of float and written back rounded to nearest even, so that
+// every pass moves half the bytes of float and computes as it does for float. For float and
+// double, storage and compute are one type and these functions are the plain packet loads and
+// stores.
+
+#include <cstdint>
+#include <type_traits>
+
+#include "simd.hpp"
+
+#include "warnings_begin.hpp"
+
+BNORM_BEGIN_NAMESPACE
+namespace detail {
+
+template <class S>
+struct StorageTraits {
+  using Compute = S;
+};
+template <>
+struct StorageTraits<Eigen::bfloat16> {
+  using Compute = float;
+};
+template <>
+struct StorageTraits<Eigen::half> {
+  using Compute = float;
+};
+
+/// The type the kernels compute a tensor of S in (and keep its coefficients in).
+template <class S>
+using Compute = typename StorageTraits<S>::Compute;
+
+/// Whether S is stored narrower than it is computed in.
+template <class S>
+inline constexpr bool kNarrow = !std::is_same_v<S, Compute<S>>;
+
+/// Bytes that one packet of Compute<S> takes in memory as S.
+template <class S>
+inline constexpr Index kPacketBytes = kLanes<Compute<S>> * Index(sizeof(S));
+
+/// A packet of S as Eigen holds it, where its lanes match a packet of float's: AVX and AVX-512,
+/// whose conversions Eigen has (F16C's and AVX-512 BF16's where the flags allow). Elsewhere a
+/// tensor of S is converted a value at a time.
+#if defined(EIGEN_VECTORIZE_AVX)
+template <class S>
+inline constexpr bool kNarrowPackets = kNarrow<S>;
+
+template <class S>
+inline Packet<float> widen(const Packet<S>& v) {
+  if constexpr (std::is_same_v<S, Eigen::bfloat16>) return ei::Bf16ToF32(v);
+  else return ei::half2float(v);
+}
+template <class S>
+inline Packet<S> narrow(const Packet<float>& v) {
+  if constexpr (std::is_same_v<S, Eigen::bfloat16>) return ei::F32ToBf16(v);
+  else return ei::float2half(v);
+}
+#else
+template <class S>
+inline constexpr bool kNarrowPackets = false;
+#endif
+
+/// A packet of Compute<S> from the kLanes values at p.
+template <class S>
+inline Packet<Compute<S>> load(const S* p) {
+  if constexpr (!kNarrow<S>) {
+    return ei::ploadu<Packet<S>>(p);
+#if defined(EIGEN_VECTORIZE_AVX)
+  } else if constexpr (kNarrowPackets<S>) {
+    return widen<S>(ei::ploadu<Packet<S>>(p));
+#endif
+  } else {
+    alignas(64) float lanes[kLanes<float>];
+    for (Index i = 0; i < kLanes<float>; ++i) lanes[i] = static_cast<float>(p[i]);
+    return ei::pload<Packet<float>>(lanes);
+  }
+}
+
+/// Stores the kLanes values of v at p, rounded to S.
+template <class S>
+inline void store(S* p, const Packet<Compute<S>>& v) {
+  if constexpr (!kNarrow<S>) {
+    ei::pstoreu(p, v);
+#if defined(EIGEN_VECTORIZE_AVX)
+  } else if constexpr (kNarrowPackets<S>) {
+    ei::pstoreu(p, narrow<S>(v));
+#endif
+  } else {
+    alignas(64) float lanes[kLanes<float>];
+    ei::pstore(lanes, v);
+    for (Index i = 0; i < kLanes<float>; ++i) p[i] = S(lanes[i]);
+  }
+}
+
+/// load for the first n < kLanes values at p (nothing at or past p + n is read); the other
+/// lanes hold `fill`.
+template <class S>
+inline Packet<Compute<S>> load_first(const S* p, Index n, Compute<S> fill = Compute<S>(0)) {
+  if constexpr (!kNarrow<S>) {
+    return load_first_native(p, n, fill);
+  } else {
+#if defined(EIGEN_VECTORIZE_AVX512) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    const auto m = static_cast<__mmask16>((1u << n) - 1);
+    const Packet<S> v(_mm256_maskz_loadu_epi16(m, p));
+    return _mm512_mask_blend_ps(m, _mm512_set1_ps(fill), widen<S>(v));
+#else
+    alignas(64) float lanes[kLanes<float>];
+    for (Index i = 0; i < kLanes<float>; ++i) lanes[i] = i < n ? static_cast<float>(p[i]) : fill;
+    return ei::pload<Packet<float>>(lanes);
+#endif
+  }
+}
+
+/// store for the first n < kLanes lanes of v (nothing at or past p + n is written).
+template <class S>
+inline void store_first(S* p, const Packet<Compute<S>>& v, Index n) {
+  if constexpr (!kNarrow<S>) {
+    store_first_native(p, v, n);
+  } else {
+#if defined(EIGEN_VECTORIZE_AVX512) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << n) - 1), narrow<S>(v));
+#else
+    alignas(64) float lanes[kLanes<float>];
+    ei::pstore(lanes, v);
+    for (Index i = 0; i < n; ++i) p[i] = S(lanes[i]);
+#endif
+  }
+}
+
+/// store at an address aligned to kPacketBytes<S>, bypassing the caches where the target has
+/// such a store.
+template <class S>
+inline void stream_store(S* p, const Packet<Compute<S>>& v) {
+  if constexpr (!kNarrow<S>) {
+    stream_store_native(p, v);
+#if defined(EIGEN_VECTORIZE_AVX512)
+  } else if constexpr (kNarrowPackets<S>) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), narrow<S>(v));
+#elif defined(EIGEN_VECTORIZE_AVX)
+  } else if constexpr (kNarrowPackets<S>) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), narrow<S>(v));
+#endif
+  } else {
+    store(p, v);
+  }
+}
+
+/// A value of S in Compute<S>.
+template <class S>
+inline Compute<S> computed(const S& v) {
+  return static_cast<Compute<S>>(v);
+}
+
+}  // namespace detail
+BNORM_END_NAMESPACE
+
+#include "warnings_end.hpp"
