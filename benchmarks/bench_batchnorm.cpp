@@ -257,6 +257,45 @@ void bnorm_bench(benchmark::State& state, const Case& c, bnorm::Layout layout,
   report(state, c, pass == "bwd" ? 3 : pass == "step" ? 5 : 2);
 }
 
+/// A pass on tensors stored as S (Eigen::bfloat16 or Eigen::half; parameters and statistics in
+/// float), on bnorm_bench's data rounded to S: against bnorm_bench's float rows, the time of
+/// moving half the bytes.
+template <class S>
+void storage_bench(benchmark::State& state, const Case& c, bnorm::Layout layout,
+                   const std::string& pass, int threads) {
+  using Narrow = std::vector<S, PageAligned<S>>;
+  Data d(c);
+  auto narrowed = [](const Buffer& v) {
+    Narrow out(v.size());
+    for (std::size_t i = 0; i < v.size(); ++i) out[i] = S(v[i]);
+    return out;
+  };
+  const Narrow x = narrowed(d.x), dy = narrowed(d.dy);
+  Narrow y(x.size()), dx(x.size());
+  const fn::Shape shape{c.batch(), c.channels(), c.spatial(), layout};
+  fn::Workspace<float> ws;
+  const fn::Execution<float> ex{device(threads), &ws};
+  fn::forward_training<S>(shape, x.data(), y.data(), 1e-5, {d.weight.data(), d.bias.data()},
+                          {d.mean.data(), d.invstd.data()}, {}, ex);
+  for (auto _ : state) {
+    cold_start(state);
+    if (pass == "fwd_train")
+      fn::forward_training<S>(shape, x.data(), y.data(), 1e-5, {d.weight.data(), d.bias.data()},
+                              {d.mean.data(), d.invstd.data()},
+                              {d.running_mean.data(), d.running_var.data(), 0.1}, ex);
+    else if (pass == "fwd_infer")
+      fn::forward_inference<S>(shape, x.data(), y.data(), 1e-5, {d.weight.data(), d.bias.data()},
+                               d.running_mean.data(), d.running_var.data(), ex);
+    else
+      fn::backward<S>(shape, dy.data(), x.data(), dx.data(), fn::Statistics::Batch,
+                      d.mean.data(), d.invstd.data(), d.weight.data(), d.grad_weight.data(),
+                      d.grad_bias.data(), ex);
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(int64_t(state.iterations()) * (pass == "bwd" ? 3 : 2) * c.size() *
+                          int64_t(sizeof(S)));
+}
+
 /// A training step through a module that keeps no copy of its input: forward(x, y), then
 /// backward(x, dy, dx), on TensorMaps of the same buffers as bnorm_bench's.
 template <int Rank>
@@ -756,6 +795,20 @@ void register_all(const std::vector<int>& thread_counts) {
                                             "/" + lname + "/" + shape + threads).c_str(),
                                            fused_bench, c, layout, std::string(pass), fused, t);
             }
+      // 16-bit storage against bnorm's float rows, on large shapes.
+      const std::string storage_shapes = " 32x64x112x112 32x256x56x56 32x2048x7x7 4096x1024 ";
+      if (storage_shapes.find(" " + shape + " ") != std::string::npos)
+        for (auto layout : {bnorm::Layout::ChannelsFirst, bnorm::Layout::ChannelsLast}) {
+          if (c.dims.size() == 2 && layout == bnorm::Layout::ChannelsLast) continue;  // the same
+          const std::string lname = layout == bnorm::Layout::ChannelsFirst ? "NCHW" : "NHWC";
+          for (const char* pass : passes) {
+            const std::string rest = "/" + std::string(pass) + "/" + lname + "/" + shape + threads;
+            benchmark::RegisterBenchmark(("bf16" + rest).c_str(), storage_bench<Eigen::bfloat16>,
+                                         c, layout, std::string(pass), t);
+            benchmark::RegisterBenchmark(("fp16" + rest).c_str(), storage_bench<Eigen::half>, c,
+                                         layout, std::string(pass), t);
+          }
+        }
 #ifdef BNORM_HAVE_DNNL
       for (const char* layout : {"NCHW", "NHWC", "nChw16c"}) {
         if (c.dims.size() == 2 && std::string(layout) == "NHWC") continue;  // same as NCHW

@@ -163,6 +163,29 @@ def step_table(figures):
     return "\n".join(lines)
 
 
+def storage_cells(times):
+    """Per (shape, layout, pass), 1 thread: the time of a pass on bfloat16 and on half tensors
+    over bnorm's on float tensors (issue 27's target: at most 0.6 for a training forward)."""
+    out = {}
+    for (impl, pas, layout, shape, threads), b16 in times.items():
+        if impl != "bf16" or threads != "t1":
+            continue
+        f = times.get(("bnorm", pas, layout, shape, "t1"))
+        h = times.get(("fp16", pas, layout, shape, "t1"))
+        out[(shape, layout, pas)] = [b16 / f if f else None, h / f if h and f else None]
+    return out
+
+
+def storage_table(figures):
+    fmt = lambda v: "" if v is None else f"{v:.2f}"
+    lines = ["", "Tensors stored as bfloat16 and as half (parameters and statistics in float), "
+             "1 thread, time over bnorm's on float tensors:", "",
+             "| shape | layout | pass | bf16 / float | fp16 / float |", "|---|---|---|---:|---:|"]
+    for (shape, layout, pas), ratios in figures.items():
+        lines.append("| " + " | ".join([shape, layout, pas] + [fmt(r) for r in ratios]) + " |")
+    return "\n".join(lines)
+
+
 def median_of_runs(runs):
     """Each figure's median over the runs. Ratios are taken within a run first: on a shared
     machine whole runs drift, and a ratio of two figures from the same run drifts less."""
@@ -370,6 +393,9 @@ def main():
     steps = median_of_runs([step_cells(medians(data)) for data in runs])
     if steps:
         text += "\n" + step_table(steps)
+    storage = median_of_runs([storage_cells(medians(data)) for data in runs])
+    if storage:
+        text += "\n" + storage_table(storage)
     print(text)
     if args.plot:
         plot(timed[0], args.plot, args.filter)

@@ -90,7 +90,7 @@ void check_ulp(const std::vector<S>& got, const std::vector<double>& expected,
   double worst = 0;
   for (std::size_t i = 0; i < got.size(); ++i) {
     const double g = static_cast<float>(got[i]), e = expected[i];
-    const double allowed = ulp_of<S>(e) + 8 * std::ldexp(terms[i], -24);
+    const double allowed = ulp_of<S>(e) + 32 * std::ldexp(terms[i], -24);
     worst = std::max(worst, std::abs(g - e) / ulp_of<S>(e));
     if (!(std::abs(g - e) <= allowed)) {
       INFO(what << "[" << i << "]: got " << g << ", expected " << e << " (" << std::abs(g - e) / ulp_of<S>(e)

@@ -116,3 +116,31 @@ TEMPLATE_TEST_CASE("storage: a BatchNorm of 16-bit tensors rejects bad input and
   REQUIRE(testing::same_bits(testing::values(bn.running_mean()), mean));
   REQUIRE(bn.num_batches_tracked() == 0);
 }
+
+namespace {
+struct OneRank : bnorm::Communicator {
+  void allreduce_sum(double*, std::ptrdiff_t) override {}
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+};
+}  // namespace
+
+TEMPLATE_TEST_CASE("storage: a SyncBatchNorm of 16-bit tensors on one rank is the BatchNorm",
+                   "[storage][module]", Eigen::bfloat16, Eigen::half) {
+  using S = TestType;
+  using Tensor = Eigen::Tensor<S, 4, Eigen::RowMajor>;
+  OneRank one;
+  bnorm::SyncBatchNorm2d<S> synced(3, {}, one);
+  bnorm::BatchNorm2d<S> plain(3);
+  Tensor x(4, 3, 5, 7), dy(4, 3, 5, 7);
+  x.setRandom();
+  dy.setRandom();
+  const Tensor ys = synced.forward(x), yp = plain.forward(x);
+  const Tensor dxs = synced.backward(dy), dxp = plain.backward(dy);
+  for (Index i = 0; i < x.size(); ++i) {
+    REQUIRE(static_cast<float>(ys.data()[i]) == static_cast<float>(yp.data()[i]));
+    REQUIRE(static_cast<float>(dxs.data()[i]) == static_cast<float>(dxp.data()[i]));
+  }
+  REQUIRE(testing::same_bits(testing::values(synced.running_var()), testing::values(plain.running_var())));
+  REQUIRE(testing::same_bits(testing::values(synced.grad_weight()), testing::values(plain.grad_weight())));
+}

@@ -41,21 +41,42 @@ template <class S>
 inline constexpr Index kPacketBytes = kLanes<Compute<S>> * Index(sizeof(S));
 
 /// A packet of S as Eigen holds it, where its lanes match a packet of float's: AVX and AVX-512,
-/// whose conversions Eigen has (F16C's and AVX-512 BF16's where the flags allow). Elsewhere a
-/// tensor of S is converted a value at a time.
+/// with Eigen's conversions (AVX-512 BF16's where the flags allow) or F16C's. Elsewhere a tensor
+/// of S is converted a value at a time.
 #if defined(EIGEN_VECTORIZE_AVX)
 template <class S>
 inline constexpr bool kNarrowPackets = kNarrow<S>;
 
+// Half's conversions call F16C (AVX-512F's for 16 lanes) here: Eigen 3.4 uses them only under
+// Clang (its test of the compiler is false under GCC), and otherwise converts a value at a time.
 template <class S>
 inline Packet<float> widen(const Packet<S>& v) {
-  if constexpr (std::is_same_v<S, Eigen::bfloat16>) return ei::Bf16ToF32(v);
-  else return ei::half2float(v);
+  if constexpr (std::is_same_v<S, Eigen::bfloat16>) {
+    return ei::Bf16ToF32(v);
+  } else {
+#if defined(EIGEN_VECTORIZE_AVX512)
+    return _mm512_cvtph_ps(v);
+#elif defined(__F16C__)
+    return _mm256_cvtph_ps(v);
+#else
+    return ei::half2float(v);
+#endif
+  }
 }
 template <class S>
 inline Packet<S> narrow(const Packet<float>& v) {
-  if constexpr (std::is_same_v<S, Eigen::bfloat16>) return ei::F32ToBf16(v);
-  else return ei::float2half(v);
+  if constexpr (std::is_same_v<S, Eigen::bfloat16>) {
+    return ei::F32ToBf16(v);
+  } else {
+#if defined(EIGEN_VECTORIZE_AVX512)
+    // (The masked form: the plain one is a macro whose mask of -1 trips -Wsign-conversion.)
+    return Packet<S>(_mm512_maskz_cvtps_ph(0xFFFF, v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif defined(__F16C__)
+    return Packet<S>(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+    return ei::float2half(v);
+#endif
+  }
 }
 #else
 template <class S>
