@@ -41,8 +41,9 @@ template <class S>
 inline constexpr Index kPacketBytes = kLanes<Compute<S>> * Index(sizeof(S));
 
 /// A packet of S as Eigen holds it, where its lanes match a packet of float's: AVX and AVX-512,
-/// with Eigen's conversions (AVX-512 BF16's where the flags allow) or F16C's. Elsewhere a tensor
-/// of S is converted a value at a time.
+/// with Eigen's conversions (AVX-512 BF16's where the flags allow) or F16C's. SSE2 has bfloat16's
+/// below; elsewhere (half without AVX, NEON, no vectors) a tensor of S is converted a value at a
+/// time.
 #if defined(EIGEN_VECTORIZE_AVX)
 template <class S>
 inline constexpr bool kNarrowPackets = kNarrow<S>;
@@ -83,6 +84,29 @@ template <class S>
 inline constexpr bool kNarrowPackets = false;
 #endif
 
+#if !defined(EIGEN_VECTORIZE_AVX) && defined(EIGEN_VECTORIZE_SSE2)
+/// SSE2 (x86-64's baseline), where Eigen has no 16-bit packets: bfloat16's four values of a packet
+/// of float, its upper halves; rounding to nearest even as Eigen's F32ToBf16 does (NaN: 0x7fc0).
+inline Packet<float> load_bf16(const Eigen::bfloat16* p) {
+  const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), v));
+}
+inline void store_bf16(Eigen::bfloat16* p, const Packet<float>& v) {
+  const __m128i bits = _mm_castps_si128(v);
+  const __m128i odd = _mm_and_si128(_mm_srli_epi32(bits, 16), _mm_set1_epi32(1));
+  // Shifted arithmetically, every value lies in int16's range, which _mm_packs_epi32 keeps.
+  __m128i t = _mm_srai_epi32(_mm_add_epi32(_mm_add_epi32(bits, _mm_set1_epi32(0x7fff)), odd), 16);
+  const __m128i nan = _mm_castps_si128(_mm_cmpunord_ps(v, v));
+  t = _mm_or_si128(_mm_andnot_si128(nan, t), _mm_and_si128(nan, _mm_set1_epi32(0x7fc0)));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi32(t, t));
+}
+template <class S>
+inline constexpr bool kSse2Packets = std::is_same_v<S, Eigen::bfloat16>;
+#else
+template <class S>
+inline constexpr bool kSse2Packets = false;
+#endif
+
 /// A packet of Compute<S> from the kLanes values at p.
 template <class S>
 inline Packet<Compute<S>> load(const S* p) {
@@ -91,6 +115,9 @@ inline Packet<Compute<S>> load(const S* p) {
 #if defined(EIGEN_VECTORIZE_AVX)
   } else if constexpr (kNarrowPackets<S>) {
     return widen<S>(ei::ploadu<Packet<S>>(p));
+#elif defined(EIGEN_VECTORIZE_SSE2)
+  } else if constexpr (kSse2Packets<S>) {
+    return load_bf16(p);
 #endif
   } else {
     alignas(64) float lanes[kLanes<float>];
@@ -107,6 +134,9 @@ inline void store(S* p, const Packet<Compute<S>>& v) {
 #if defined(EIGEN_VECTORIZE_AVX)
   } else if constexpr (kNarrowPackets<S>) {
     ei::pstoreu(p, narrow<S>(v));
+#elif defined(EIGEN_VECTORIZE_SSE2)
+  } else if constexpr (kSse2Packets<S>) {
+    store_bf16(p, v);
 #endif
   } else {
     alignas(64) float lanes[kLanes<float>];
