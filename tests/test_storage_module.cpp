@@ -1,5 +1,8 @@
-// BatchNorm of Eigen::bfloat16 and Eigen::half tensors (issue 27): parameters, statistics and
-// gradients in float, and every step the float module's on the same values, rounded to 16 bits.
+// BatchNorm of Eigen::bfloat16 tensors (issue 27): parameters, statistics and gradients in float,
+// and every step the float module's on the same values, rounded to 16 bits. The modules' code is
+// the same for both 16-bit types; only the kernels' loads and stores differ, and test_storage.cpp
+// checks those for Eigen::half too, at every vector width. Instantiating the modules for half as
+// well doubled this unit's build time.
 
 #include "util.hpp"
 
@@ -83,7 +86,7 @@ void run_steps(const bnorm::Options& o, bool channels_last) {
 }  // namespace
 
 TEMPLATE_TEST_CASE("storage: a BatchNorm of 16-bit tensors is the float one's steps, rounded",
-                   "[storage][module]", Eigen::bfloat16, Eigen::half) {
+                   "[storage][module]", Eigen::bfloat16) {
   using S = TestType;
   bnorm::Options relu;
   relu.activation = bnorm::Activation::ReLU;
@@ -104,7 +107,7 @@ TEMPLATE_TEST_CASE("storage: a BatchNorm of 16-bit tensors is the float one's st
 }
 
 TEMPLATE_TEST_CASE("storage: a BatchNorm of 16-bit tensors rejects bad input and keeps its state",
-                   "[storage][module]", Eigen::bfloat16, Eigen::half) {
+                   "[storage][module]", Eigen::bfloat16) {
   using S = TestType;
   bnorm::BatchNorm2d<S> bn(4);
   Eigen::Tensor<S, 4, Eigen::RowMajor> x(2, 3, 5, 5), one(1, 4, 1, 1);
@@ -126,7 +129,7 @@ struct OneRank : bnorm::Communicator {
 }  // namespace
 
 TEMPLATE_TEST_CASE("storage: a SyncBatchNorm of 16-bit tensors on one rank is the BatchNorm",
-                   "[storage][module]", Eigen::bfloat16, Eigen::half) {
+                   "[storage][module]", Eigen::bfloat16) {
   using S = TestType;
   using Tensor = Eigen::Tensor<S, 4, Eigen::RowMajor>;
   OneRank one;

@@ -1,6 +1,6 @@
-// Every public call of bnorm, float and double, both layouts, every rank (and BatchNorm's of
-// 16-bit tensors): compiled with a demanding user's warnings (tests/CMakeLists.txt) so that each
-// kernel the calls instantiate is checked, on every instruction set the build compiles it for. Also run: it must work too.
+// Every public call of bnorm, float and double, both layouts, every rank: compiled with a
+// demanding user's warnings (tests/CMakeLists.txt) so that each kernel the calls instantiate is
+// checked, on every instruction set the build compiles it for. Also run: it must work too.
 // One unit, which also compiles the kernels' explicit instances (bnorm/instances.hpp).
 #define BNORM_INSTANTIATE
 #include <bnorm/instances.hpp>
@@ -225,41 +225,12 @@ bool every_module(const Eigen::ThreadPoolDevice& device) {
   return ok;
 }
 
-/// BatchNorm of 16-bit tensors (parameters and statistics in float).
-template <class S>
-bool storage_calls(const Eigen::ThreadPoolDevice& device) {
-  bool ok = true;
-  for (auto layout : {bnorm::Layout::ChannelsFirst, bnorm::Layout::ChannelsLast}) {
-    bnorm::Options o;
-    o.layout = layout;
-    o.activation = bnorm::Activation::ReLU;
-    bnorm::BatchNorm2d<S> bn(5, o);
-    const Eigen::Index c = layout == bnorm::Layout::ChannelsFirst ? 1 : 3;
-    Eigen::array<Eigen::Index, 4> dims{{4, 4, 9, 9}};
-    dims[std::size_t(c)] = 5;
-    Eigen::Tensor<S, 4, Eigen::RowMajor> x(dims), z(dims), y(dims), dx(dims), dz(dims);
-    x.setRandom();
-    z.setRandom();
-    y = bn.forward(x);
-    bn.forward(x, y, device);
-    dx = bn.backward(y);
-    bn.forward_add(x, z, y, device);
-    bn.backward_add(z, dx, dz, device);
-    bn.eval();
-    bn.forward(x, y);
-    const Eigen::Tensor<S, 4, Eigen::RowMajor> inferred = bn.infer(x);
-    ok = ok && std::isfinite(static_cast<float>(inferred(0, 0, 0, 0)));
-  }
-  return ok;
-}
 }  // namespace
 
 int main() {
   Eigen::ThreadPool pool(2);
   Eigen::ThreadPoolDevice device(&pool, 2);
-  const bool ok = every_module<float>(device) && every_module<double>(device) &&
-                  storage_calls<Eigen::bfloat16>(device) && storage_calls<Eigen::half>(device);
-  std::printf("every call of bnorm, float and double (and bfloat16 and half): %s\n",
-              ok ? "ok" : "WRONG");
+  const bool ok = every_module<float>(device) && every_module<double>(device);
+  std::printf("every call of bnorm, float and double: %s\n", ok ? "ok" : "WRONG");
   return ok ? 0 : 1;
 }
