@@ -15,12 +15,15 @@ namespace {
 
 constexpr Index kMiB = Index{1} << 20;
 
-/// A machine with these caches and nothing else overridden.
+/// A machine with these caches and nothing else overridden, its cache lines no wider than this
+/// program's packets of float, so that the sizes alone decide on streamed stores (the line's own
+/// part is tested apart).
 Tuning machine(Index l2, Index last_level, Index cpus) {
   Tuning t;
   t.l2_bytes = l2;
   t.last_level_cache_bytes = last_level;
   t.last_level_cpus = cpus;
+  t.line_bytes = core::kPacketBytes<float>;
   return t;
 }
 
@@ -88,6 +91,27 @@ TEST_CASE("outputs are streamed by the threads' share of the cache", "[plan]") {
   // The 2-core VM, 2 threads: 12.8 MB in and out fits the 32 MiB L3 (measured faster plain).
   CHECK_FALSE(plan(kTwoCores, N, 128, 28 * 28, kInference, 2).stream);
   CHECK(plan(kTwoCores, N, C, HW, kInference, 2).stream);
+}
+
+TEST_CASE("only stores of whole cache lines stream", "[plan]") {
+  // 32 x 256 x 56 x 56, one thread: large enough to stream by size.
+  const Index N = 32, C = 256, HW = 56 * 56;
+  Tuning m = kTwoCores;
+  const Index packet = core::kPacketBytes<float>;
+  m.line_bytes = packet;
+  CHECK(plan(m, N, C, HW, kTraining, 1).stream);
+  CHECK(plan(m, N * HW, C, 1, kBackward, 1).stream);
+  // A packet of 16-bit values takes half the bytes of float's: half a line.
+  CHECK_FALSE(plan<Eigen::bfloat16>(m, N, C, HW, kTraining, 1).stream);
+  CHECK_FALSE(plan<Eigen::half>(m, N * HW, C, 1, kInference, 1).stream);
+  m.line_bytes = core::kPacketBytes<Eigen::bfloat16>;
+  CHECK(plan<Eigen::bfloat16>(m, N, C, HW, kTraining, 1).stream);
+  // Lines wider than a packet: nothing streams.
+  m.line_bytes = 2 * packet;
+  CHECK_FALSE(plan(m, N, C, HW, kTraining, 1).stream);
+  CHECK_FALSE(plan(m, N * HW, C, 1, kInference, 1).stream);
+  // The machine's own line, as Linux reports it.
+  CHECK(bnorm::machine_tuning().line_bytes >= 16);
 }
 
 TEST_CASE("groups of channels split the usable cache among the workers", "[plan]") {

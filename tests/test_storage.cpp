@@ -142,6 +142,17 @@ TEMPLATE_TEST_CASE("storage: loads and stores of every width round as Eigen's sc
     const float expected = static_cast<float>(stored[i]);
     REQUIRE((std::isnan(expected) ? std::isnan(loaded[i]) : bits(loaded[i]) == bits(expected)));
   }
+  // Widened to packets of double (the reductions' shift and the double accumulators).
+  constexpr Index W = bd::kWideLanes;
+  for (Index i = 0; i + W <= n; i += W) {
+    double lanes[W];
+    Eigen::internal::pstoreu(lanes, bd::load_wide(stored.data() + i));
+    for (Index j = 0; j < W; ++j) {
+      const double expected = double(static_cast<float>(stored[std::size_t(i + j)]));
+      INFO("load_wide at " << i + j);
+      REQUIRE((std::isnan(expected) ? std::isnan(lanes[j]) : lanes[j] == expected));
+    }
+  }
   // The first m lanes: nothing past them written or read (the rest of a load holds the fill).
   for (Index m = 1; m < L; ++m) {
     std::vector<S> out(std::size_t(L), S(-2.0f));

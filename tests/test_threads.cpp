@@ -140,6 +140,7 @@ TEST_CASE("every pass gives the same bits under every tuning", "[functional][thr
   small.group_bytes = 300000;
   streamed.stream_bytes = 0;
   streamed.stream_by_size_alone = true;
+  streamed.line_bytes = 0;  // packets of every width stream
   testing::Pool two(2);
   for (int i = 0; i < 6; ++i) {
     const Inputs<float> in(draw_shape());

@@ -16,6 +16,7 @@ namespace {
 #ifdef BNORM_TEST_STREAM_BYTES
   t.stream_bytes = BNORM_TEST_STREAM_BYTES;
   t.stream_by_size_alone = true;
+  t.line_bytes = 0;  // packets narrower than a cache line (16-bit data, AVX2, SSE2) too
 #endif
 #ifdef BNORM_TEST_FAR_BYTES
   t.far_bytes = BNORM_TEST_FAR_BYTES;

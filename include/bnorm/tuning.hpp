@@ -30,6 +30,11 @@ struct Tuning {
   /// Outputs at least this large may be written with non-temporal stores: they would not stay in
   /// cache anyway, and streaming them skips the read-for-ownership of every output line.
   Index stream_bytes = Index{8} << 20;
+  /// A cache line. Only a pass whose packet stores fill whole lines streams its output: a
+  /// narrower non-temporal store leaves its line partly written until the next one, and where the
+  /// pass's other streams come between them a processor may write the partial line to memory
+  /// (docs/design.md, "Streamed stores of whole lines").
+  Index line_bytes = 64;
   /// With several threads, outputs are streamed only where the pass's tensors exceed seven eighths
   /// of the threads' share of the last-level cache (its bandwidth grows with the threads, memory's
   /// much less). true: from stream_bytes on whatever the threads.
@@ -98,13 +103,15 @@ inline Tuning machine_tuning() {
     const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
     int level = 0;
     std::string type, cpus;
-    Index kib = 0;
+    Index kib = 0, line = 0;
     std::ifstream(dir + "level") >> level;
+    std::ifstream(dir + "coherency_line_size") >> line;
     std::ifstream(dir + "type") >> type;
     std::ifstream(dir + "size") >> kib;  // "32768K"
     std::ifstream(dir + "shared_cpu_list") >> cpus;
     if (level == 0 || kib <= 0 || type == "Instruction") continue;
     if (level == 1) t.l1_bytes = kib << 10;
+    if (level == 1 && line > 0) t.line_bytes = line;
     if (level == 2) t.l2_bytes = kib << 10;
     if (level >= 2 && level >= last_level) {
       last_level = level;

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <utility>
 
@@ -39,6 +40,42 @@ inline constexpr Index kLanes = ei::unpacket_traits<Packet<T>>::size;
 using Wide = Packet<double>;
 inline constexpr Index kWideLanes = kLanes<double>;
 
+/// kWideLanes values of Eigen::bfloat16 or Eigen::half at p, converted exactly to double: in
+/// packets where the instruction set converts them (bfloat16 is float's upper half; half needs
+/// F16C, or AVX-512F's 16-lane form), else a value at a time through Eigen's conversion, which
+/// for half under GCC is a software routine of a dozen operations.
+template <class T>
+inline Wide load_wide_16(const T* p) {
+#if defined(EIGEN_VECTORIZE_AVX512)
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if constexpr (std::is_same_v<T, Eigen::bfloat16>)
+    return _mm512_cvtps_pd(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)));
+  else
+    return _mm512_cvtps_pd(
+        _mm512_castps512_ps256(_mm512_cvtph_ps(_mm256_set_m128i(_mm_setzero_si128(), v))));
+#else
+#if defined(EIGEN_VECTORIZE_AVX)
+  const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  if constexpr (std::is_same_v<T, Eigen::bfloat16>)
+    return _mm256_cvtps_pd(_mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), v)));
+#if defined(__F16C__)
+  else
+    return _mm256_cvtps_pd(_mm_cvtph_ps(v));
+#endif
+#elif defined(EIGEN_VECTORIZE_SSE2)
+  if constexpr (std::is_same_v<T, Eigen::bfloat16>) {
+    std::uint32_t two;
+    std::memcpy(&two, p, sizeof two);
+    const __m128i v = _mm_cvtsi32_si128(static_cast<int>(two));
+    return _mm_cvtps_pd(_mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), v)));
+  }
+#endif
+  alignas(64) double widened[kWideLanes];
+  for (Index i = 0; i < kWideLanes; ++i) widened[i] = static_cast<double>(static_cast<float>(p[i]));
+  return ei::pload<Wide>(widened);
+#endif
+}
+
 /// Loads kWideLanes values of type T starting at p, converted to double (T: float, double, or
 /// a 16-bit storage type, see storage.hpp).
 template <class T>
@@ -57,10 +94,8 @@ inline Wide load_wide(const T* p) {
     for (Index i = 0; i < kWideLanes; ++i) widened[i] = static_cast<double>(p[i]);
     return ei::ploadu<Wide>(widened);
 #endif
-  } else {  // 16-bit storage (storage.hpp): a value at a time, through float
-    alignas(64) double widened[kWideLanes];
-    for (Index i = 0; i < kWideLanes; ++i) widened[i] = static_cast<double>(static_cast<float>(p[i]));
-    return ei::pload<Wide>(widened);
+  } else {  // 16-bit storage (storage.hpp)
+    return load_wide_16(p);
   }
 }
 

@@ -121,7 +121,8 @@ RowCoefs<T> row_parameters(Index width, const T* const* params, int count, Works
 /// Whether the row passes stream their outputs, as the plan decides for the same traffic.
 template <class T>
 bool rows_stream(const Rows& r, int tensors, Index workers) {
-  return streams_output(Geometry{r.rows, 1, r.width}, tensors, sizeof(T), workers, tuning());
+  return streams_output(Geometry{r.rows, 1, r.width}, tensors, sizeof(T), kPacketBytes<T>,
+                        workers, tuning());
 }
 
 /// The rows' statistics as a forward computes them: the mean (0 for RowCenter::Zero) in
