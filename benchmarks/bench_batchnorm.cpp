@@ -428,14 +428,16 @@ void streamed_pass(float* out, const float* u, const float* v, float a, float b,
 /// whole tensor instead of per-channel work: a sum of x (training), or of dy * x (backward), then
 /// y = x * a + b, or dx = dy * a + x * b. What reading and writing those tensors costs at the
 /// least on one thread, with bnorm's choice of stores: past the cache for outputs of 8 MiB and
-/// more (Tuning::stream_bytes), ordinary ones below. (The loops read their inputs from memory twice
+/// more (Tuning::stream_bytes) where a packet of float fills a cache line (Tuning::line_bytes),
+/// ordinary ones elsewhere. (The loops read their inputs from memory twice
 /// where they exceed the cache; bnorm reads channels-first data in groups whose second read
 /// comes from cache.)
 void loops_bench(benchmark::State& state, const Case& c, const std::string& pass) {
   Data d(c);
   const Eigen::Map<const Eigen::ArrayXf> x(d.x.data(), c.size()), dy(d.dy.data(), c.size());
   Eigen::Map<Eigen::ArrayXf> y(d.y.data(), c.size()), dx(d.dx.data(), c.size());
-  const bool stream = c.size() * Index(sizeof(float)) >= bnorm::tuning().stream_bytes;
+  const bool stream = c.size() * Index(sizeof(float)) >= bnorm::tuning().stream_bytes &&
+                      bnorm::detail::kPacketBytes<float> >= bnorm::tuning().line_bytes;
   for (auto _ : state) {
     cold_start(state);
     float sum = 0;
