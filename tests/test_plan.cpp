@@ -93,6 +93,25 @@ TEST_CASE("outputs are streamed by the threads' share of the cache", "[plan]") {
   CHECK(plan(kTwoCores, N, C, HW, kInference, 2).stream);
 }
 
+TEST_CASE("a call of many views streams as the whole of them would", "[plan]") {
+  // Channels-last GroupNorm on 8 x 512 x 32 x 32 plans a sample at a time: a view of 2 MiB, whose
+  // output the next samples push out of the cache. The 8 of them together pass stream_bytes.
+  const Index spatial = 32 * 32, C = 512;
+  core::Traffic sample = kTraining;
+  CHECK_FALSE(plan(kTwoCores, spatial, C, 1, sample, 1).stream);
+  sample.views = 8;
+  const core::Plan p = plan(kTwoCores, spatial, C, 1, sample, 1);
+  CHECK(p.stream);
+  // Only the stores: what the kernels walk is still the one view.
+  CHECK(p.view.outer == spatial);
+  CHECK(p.parts == plan(kTwoCores, spatial, C, 1, kTraining, 1).parts);
+  core::Traffic backward = kBackward;
+  backward.views = 8;
+  CHECK(plan(kTwoCores, spatial, C, 1, backward, 1).stream);
+  backward.views = 2;  // 4 MiB of output in all
+  CHECK_FALSE(plan(kTwoCores, spatial, C, 1, backward, 1).stream);
+}
+
 TEST_CASE("only stores of whole cache lines stream", "[plan]") {
   // 32 x 256 x 56 x 56, one thread: large enough to stream by size.
   const Index N = 32, C = 256, HW = 56 * 56;

@@ -40,6 +40,11 @@ inline void check_rows(Index rows, Index width) {
          std::to_string(width));
 }
 
+/// The kernel calls for_each_view makes: one channels-first, one per sample channels-last.
+inline Index views_of(const Shape& s) {
+  return s.layout == Layout::ChannelsFirst ? 1 : s.batch;
+}
+
 /// Calls call(view, first_sample, offset, workspace, device) once per kernel call:
 /// channels-first data in one call over x[1][N * C][spatial]; channels-last data a sample at a
 /// time over x[spatial][C][1], at element offset `offset`. A channel p of a view is channel
@@ -119,7 +124,8 @@ void group_norm_forward(const Shape& shape, Index groups, const T* x, T* y, doub
     };
     const T* in[] = {x + off};
     bnorm::detail::Streams<T, 1> s{{x + off}, y + off, copy_of_x ? copy_of_x + off : nullptr};
-    reduce_then_apply<NormalizeOp, void>(g, in, nullptr, merge_moments, finish, s, own, on, k);
+    reduce_then_apply<NormalizeOp, void>(g, in, nullptr, merge_moments, finish, s, own, on, k,
+                                         views_of(shape));
   });
 }
 
@@ -179,7 +185,7 @@ void group_norm_backward(const Shape& shape, Index groups, const T* dy, const T*
     const T* in[] = {dy + off, x + off};
     reduce_then_apply<InputGradOp, GradientSums>(g, in, own.centers.data(), merge_sums, finish,
                                                  Streams<T, 2>{{dy + off, x + off}, dx + off},
-                                                 own, on, k);
+                                                 own, on, k, views_of(shape));
   });
   // Parameter gradients: each channel's terms summed over the samples in order.
   for (Index c = 0; c < C; ++c) {

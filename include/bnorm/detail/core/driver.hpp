@@ -38,7 +38,7 @@ void inverse_std(const V* var, Index n, double eps, double* invstd) {
 /// and `finish(c, n, total, coef)`, which turns the totals of channels [c, c + n) into their
 /// coefficients. Statistics may span `granule` channels in a row (GroupNorm's groups): c and n
 /// are then multiples of it, and n is at most kFinishBatch rounded down to a multiple of it (or
-/// one granule).
+/// one granule). `views`: how many calls like this one the caller makes in turn (Traffic::views).
 ///
 /// Runs step 1 over every block, step 2 per channel, and step 3 with Op. ALONG with runs too
 /// long for in_row_order, where there are enough channels for every worker, each worker takes
@@ -51,7 +51,7 @@ template <class Op, class Step, class S, class Merge, class Finish>
 void reduce_then_apply(const Geometry& whole, const S* const* reduce_in, const double* centers,
                        Merge merge, Finish finish, const Streams<S, Op::kInputs>& s,
                        Workspace<Compute<S>>& ws, const Eigen::ThreadPoolDevice* device,
-                       Index granule = 1) {
+                       Index granule = 1, Index views = 1) {
   using T = Compute<S>;  // S: how the tensors are stored
   constexpr bool kMoments = std::is_void_v<Step>;
   constexpr bool kApplies = !std::is_same_v<Op, ReduceOnly>;
@@ -60,7 +60,8 @@ void reduce_then_apply(const Geometry& whole, const S* const* reduce_in, const d
     else return Step::kInputs;
   }();
   const Plan plan = make_plan<S>(
-      whole, Traffic{kReduceInputs, kApplies ? Op::kInputs : 0, s.copy != nullptr}, workers(device));
+      whole, Traffic{kReduceInputs, kApplies ? Op::kInputs : 0, s.copy != nullptr, views},
+      workers(device));
   // ACROSS rows of few channels are reduced q at a time, as rows of q * C channels (see
   // period_rows): g is that view, whose channel p is channel p % C of `whole`, and whose sums are
   // folded into the whole's channels before they are finished.

@@ -95,6 +95,10 @@ struct Traffic {
   int reduce_inputs = 1;
   int apply_inputs = 1;
   bool copy = false;
+  /// Views like this one that the call walks in turn (channels-last GroupNorm: a sample each).
+  /// Whether outputs stream depends on all of them together: the views after a view push its
+  /// output out of the cache.
+  Index views = 1;
 };
 
 /// How step 1 reads a block: long ALONG runs one by one, rows swept with a table of accumulators
@@ -168,7 +172,8 @@ Plan make_plan(const Geometry& whole, const Traffic& traffic, Index workers,
   p.merge_on_workers = fine_split(g, p.workers, sizeof(S));
   const int tensors = traffic.apply_inputs + 1 + (traffic.copy ? 1 : 0);
   if (traffic.reduce_inputs == 0) p.reduction = Reduction::None;
-  p.stream = streams_output(whole, tensors, sizeof(S), kPacketBytes<S>, p.workers, machine);
+  const Geometry call{whole.outer * std::max<Index>(1, traffic.views), whole.channels, whole.inner};
+  p.stream = streams_output(call, tensors, sizeof(S), kPacketBytes<S>, p.workers, machine);
   p.parts = apply_parts(g, traffic.apply_inputs + 1, sizeof(S), machine);
   return p;
 }
