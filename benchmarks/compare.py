@@ -297,6 +297,12 @@ def ab_rounds(binaries, filt, rounds, reps, min_time):
     """Per round, per binary: bnorm / memcpy by (shape, layout, pass, threads). The binaries run
     in order in even rounds and in reverse in odd ones, so that neither always runs first."""
     wanted = r"^(bnorm|memcpy)/" + (f".*({filt})" if filt else "")
+    if filt:  # the memcpy of every shape the filter picks bnorm entries of, whatever it says
+        listing = [binaries[0], "--benchmark_list_tests"] + ([f"--threads={THREADS}"] if THREADS else [])
+        names = subprocess.run(listing, check=True, capture_output=True, text=True).stdout.split()
+        shapes = sorted({n.split("/")[3] for n in names if re.search(rf"^bnorm/.*({filt})", n)})
+        if shapes:
+            wanted = rf"^(bnorm/.*({filt})|memcpy/copy/-/({'|'.join(shapes)})/)"
     results = []
     for r in range(rounds):
         order = list(range(len(binaries))) if r % 2 == 0 else list(reversed(range(len(binaries))))
