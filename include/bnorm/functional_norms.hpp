@@ -40,12 +40,8 @@ inline void check_rows(Index rows, Index width) {
          std::to_string(width));
 }
 
-/// The kernel calls for_each_view makes: one channels-first, one per sample channels-last.
-inline Index views_of(const Shape& s) {
-  return s.layout == Layout::ChannelsFirst ? 1 : s.batch;
-}
-
-/// Calls call(view, first_sample, offset, workspace, device) once per kernel call:
+/// Calls call(view, views, first_sample, offset, workspace, device) once per kernel call, of
+/// `views` calls in all (see Traffic::views):
 /// channels-first data in one call over x[1][N * C][spatial]; channels-last data a sample at a
 /// time over x[spatial][C][1], at element offset `offset`. A channel p of a view is channel
 /// (first_sample * C + p) % C of sample (first_sample * C + p) / C. Where there are at least as
@@ -57,7 +53,7 @@ template <class T, class Call>
 void for_each_view(const Shape& s, Workspace<T>& ws, const Eigen::ThreadPoolDevice* device,
                    Call call) {
   if (s.layout == Layout::ChannelsFirst) {
-    call(Geometry{1, s.batch * s.channels, s.spatial}, Index{0}, Index{0}, ws, device);
+    call(Geometry{1, s.batch * s.channels, s.spatial}, Index{1}, Index{0}, Index{0}, ws, device);
     return;
   }
   const Geometry view{s.spatial, s.channels, 1};
@@ -66,11 +62,13 @@ void for_each_view(const Shape& s, Workspace<T>& ws, const Eigen::ThreadPoolDevi
     ws.per_worker.resize(std::size_t(workers));
     bnorm::detail::parallel_workers(device, s.batch, [&](Index w, Index n0, Index n1) {
       for (Index n = n0; n < n1; ++n)
-        call(view, n, n * s.spatial * s.channels, ws.per_worker[std::size_t(w)], nullptr);
+        call(view, s.batch, n, n * s.spatial * s.channels, ws.per_worker[std::size_t(w)],
+             nullptr);
     });
     return;
   }
-  for (Index n = 0; n < s.batch; ++n) call(view, n, n * s.spatial * s.channels, ws, device);
+  for (Index n = 0; n < s.batch; ++n)
+    call(view, s.batch, n, n * s.spatial * s.channels, ws, device);
 }
 
 /// GroupNorm's training forward (InstanceNorm's with groups = channels). Writes each group's
@@ -90,8 +88,9 @@ void group_norm_forward(const Shape& shape, Index groups, const T* x, T* y, doub
   const Index C = shape.channels, k = C / groups;
   const double count = double(k * shape.spatial);
   double* group_stats = ws.group_stats.data();
-  for_each_view(shape, ws, ex.device, [&](const Geometry& g, Index first, Index off,
-                                          Workspace<T>& own, const Eigen::ThreadPoolDevice* on) {
+  for_each_view(shape, ws, ex.device, [&](const Geometry& g, Index views, Index first,
+                                          Index off, Workspace<T>& own,
+                                          const Eigen::ThreadPoolDevice* on) {
     const Index base = first * C;  // the view's channel 0, counted over the samples
     auto finish = [&](Index c0, Index nc, const Partial* total, T* coef) {
       // nc / k groups, at most kFinishBatch of them (see reduce_then_apply's granule).
@@ -125,7 +124,7 @@ void group_norm_forward(const Shape& shape, Index groups, const T* x, T* y, doub
     const T* in[] = {x + off};
     bnorm::detail::Streams<T, 1> s{{x + off}, y + off, copy_of_x ? copy_of_x + off : nullptr};
     reduce_then_apply<NormalizeOp, void>(g, in, nullptr, merge_moments, finish, s, own, on, k,
-                                         views_of(shape));
+                                         views);
   });
 }
 
@@ -154,8 +153,9 @@ void group_norm_backward(const Shape& shape, Index groups, const T* dy, const T*
   ws.param_sums.resize(std::size_t(2 * shape.batch * C));
   double* sums_of = ws.param_sums.data();  // [sum dy, sum dy * xhat] per sample and channel
   auto w = [&](Index channel) { return weight ? double(weight[channel]) : 1.0; };
-  for_each_view(shape, ws, ex.device, [&](const Geometry& g, Index first, Index off,
-                                          Workspace<T>& own, const Eigen::ThreadPoolDevice* on) {
+  for_each_view(shape, ws, ex.device, [&](const Geometry& g, Index views, Index first,
+                                          Index off, Workspace<T>& own,
+                                          const Eigen::ThreadPoolDevice* on) {
     const Index base = first * C;
     own.centers.resize(std::size_t(g.channels));
     for (Index c = 0; c < g.channels; ++c) own.centers[std::size_t(c)] = mean[(base + c) / k];
@@ -185,7 +185,7 @@ void group_norm_backward(const Shape& shape, Index groups, const T* dy, const T*
     const T* in[] = {dy + off, x + off};
     reduce_then_apply<InputGradOp, GradientSums>(g, in, own.centers.data(), merge_sums, finish,
                                                  Streams<T, 2>{{dy + off, x + off}, dx + off},
-                                                 own, on, k, views_of(shape));
+                                                 own, on, k, views);
   });
   // Parameter gradients: each channel's terms summed over the samples in order.
   for (Index c = 0; c < C; ++c) {
