@@ -66,10 +66,12 @@ void check_groups(const Shape& sh, Index groups, bool affine, bool in_place,
   testing::check_sum_close(gb, grads.bias, grads.bias_terms, "grad_bias");
 }
 
-/// LayerNorm's (rms: RMSNorm's) functional forward and backward against the reference.
+/// LayerNorm's (rms: RMSNorm's) functional forward and backward against the reference. dy is
+/// random around zero, or where dy_low is not 0, uniform in [dy_low, 2 dy_low]: of one sign, so
+/// that its sums grow with the width.
 template <class T>
 void check_rows(Index rows, Index width, bool rms, bool weight, bool bias, bool in_place,
-                double mean_scale = 10.0) {
+                double mean_scale = 10.0, double dy_low = 0) {
   INFO((rms ? "RMSNorm" : "LayerNorm") << ", rows " << rows << ", width " << width
                                        << ", weight " << weight << ", bias " << bias);
   const Shape flat{rows, 1, width, Layout::ChannelsFirst};
@@ -77,7 +79,8 @@ void check_rows(Index rows, Index width, bool rms, bool weight, bool bias, bool 
   // A mean per row: random_input's means go by channel.
   const auto offsets = testing::random_vector<double>(rows, -mean_scale, mean_scale);
   for (Index i = 0; i < rows * width; ++i) x[std::size_t(i)] += T(offsets[std::size_t(i / width)]);
-  const auto dy = testing::random_input<T>(flat, 1.0);
+  const auto dy = dy_low == 0 ? testing::random_input<T>(flat, 1.0)
+                               : testing::random_vector<T>(rows * width, dy_low, 2 * dy_low);
   const auto w = weight ? testing::random_vector<T>(width, 0.5, 2) : std::vector<T>{};
   const auto b = bias ? testing::random_vector<T>(width, -1, 1) : std::vector<T>{};
   const double eps = 1e-4;
@@ -163,6 +166,13 @@ TEST_CASE("The family keeps float precision where the mean is 1e4 times the spre
   check_groups<float>({3, 8, 49, Layout::ChannelsLast}, 2, true, false, 1e4);
   check_rows<float>(9, 1000, false, true, true, false, 1e4);
   check_rows<float>(9, 1000, true, true, false, false, 1e4);
+}
+
+TEST_CASE("LayerNorm's and RMSNorm's backward row sums pass the float maximum and stay exact",
+          "[family]") {
+  // Each dy * weight is at most 4e36, but a row's sum of them is past 4e38: the kernels sum
+  // each block of a row in float while it stays finite, and again in double where it does not.
+  for (bool rms : {false, true}) check_rows<float>(2, 2050, rms, true, !rms, false, 10.0, 1e36);
 }
 
 namespace {

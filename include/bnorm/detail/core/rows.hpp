@@ -30,22 +30,6 @@ struct Rows {
 /// square is the second moment: M2 / n + mean^2, from the same centered moments).
 enum class RowCenter { Mean, Zero };
 
-/// Gradient sums against per-position weights: a += w * dy, b += w * dy * (x - center).
-/// Inputs: {dy, x, w}.
-struct WeightedGradientSums {
-  static constexpr int kInputs = 3;
-  static double fill(int k, double center) { return k == 1 ? center : 0.0; }  // adds nothing
-  static Partial recenter(const Partial& p, double from, double to) {
-    return {p.n, p.a, p.b + (from - to) * p.a};
-  }
-  template <class W>
-  static void add(const W* in, const W& center, W& a, W& b) {
-    const W g = ei::pmul(in[0], in[2]);
-    a = ei::padd(a, g);
-    b = ei::pmadd(g, ei::psub(in[1], center), b);
-  }
-};
-
 /// Moments of a row, a block of kAlongElems values at a time (each block's sums stay within a
 /// few ulps in T, see step_sums_along), merged in order.
 template <class T>
@@ -56,16 +40,63 @@ Partial row_moments(const T* x, Index width) {
   return m;
 }
 
-/// WeightedGradientSums of a row, by blocks as row_moments.
-template <class T>
-Partial row_gradient_sums(const T* dy, const T* x, const T* w, Index width, double center) {
-  Partial s;
-  for (Index i = 0; i < width; i += Blocking::kAlongElems) {
-    const T* in[] = {dy + i, x + i, w + i};
-    s = merge_sums(s, step_sums_along<WeightedGradientSums>(
-                          in, 0, 1, std::min(Blocking::kAlongElems, width - i), center));
+/// Backward's one read of a row's dy and x before dx: the row's sums against the positions'
+/// weights, a = sum(w * dy) and b = sum(w * dy * xhat), and with kColumns, dy * xhat and dy
+/// added to the columns' accumulators acc[0, W) and acc[W, 2W); xhat = (x - hi) * scale + shift
+/// in T. The row's sums stay in T over blocks of kTermsInT values per lane, in double across
+/// them; a block whose sums overflow T is summed again in double.
+template <bool kColumns, class T>
+void row_backward_sums(const T* dy, const T* x, const T* w, Index W, T hi, T scale, T shift,
+                       T* acc, double& a, double& b) {
+  using P = Packet<T>;
+  constexpr Index L = kLanes<T>, kBlock = kTermsInT * 2 * L;
+  const P hi_p = ei::pset1<P>(hi), scale_p = ei::pset1<P>(scale), shift_p = ei::pset1<P>(shift);
+  auto xhat_of = [&](T v) { return T((v - hi) * scale + shift); };
+  a = b = 0;
+  for (Index i0 = 0; i0 < W; i0 += kBlock) {
+    const Index i1 = std::min(W, i0 + kBlock);
+    P sa[2], sb[2];
+    sa[0] = sa[1] = sb[0] = sb[1] = ei::pset1<P>(T(0));
+    auto step = [&](Index d, int u) {
+      const P g = ei::ploadu<P>(dy + d), xhat = ei::pmadd(ei::psub(ei::ploadu<P>(x + d), hi_p),
+                                                           scale_p, shift_p);
+      if constexpr (kColumns) {
+        ei::pstoreu(acc + d, ei::pmadd(g, xhat, ei::ploadu<P>(acc + d)));
+        ei::pstoreu(acc + W + d, ei::padd(g, ei::ploadu<P>(acc + W + d)));
+      }
+      const P gw = ei::pmul(g, ei::ploadu<P>(w + d));
+      sa[u] = ei::padd(sa[u], gw);
+      sb[u] = ei::pmadd(gw, xhat, sb[u]);
+    };
+    Index d = i0;
+    for (; d + 2 * L <= i1; d += 2 * L) {
+      step(d, 0);
+      step(d + L, 1);
+    }
+    if (d + L <= i1) step(d, 0), d += L;
+    T ta = 0, tb = 0;
+    for (; d < i1; ++d) {  // the tail, value by value: acc has no room past W
+      const T xhat = xhat_of(x[d]);
+      if constexpr (kColumns) {
+        acc[d] += dy[d] * xhat;
+        acc[W + d] += dy[d];
+      }
+      ta += dy[d] * w[d];
+      tb += dy[d] * w[d] * xhat;
+    }
+    const T block_a = ei::predux(ei::padd(sa[0], sa[1])) + ta;
+    const T block_b = ei::predux(ei::padd(sb[0], sb[1])) + tb;
+    if (std::isfinite(block_a) && std::isfinite(block_b)) {
+      a += double(block_a);
+      b += double(block_b);
+    } else {
+      for (Index j = i0; j < i1; ++j) {
+        const double gw = double(dy[j]) * double(w[j]);
+        a += gw;
+        b += gw * double(xhat_of(x[j]));
+      }
+    }
   }
-  return s;
 }
 
 /// y = ((x - k0) * k1 + k2) * k3 + k4: k0..k2 the row's (NormalizeOp's, see there), k3 and k4
@@ -211,8 +242,6 @@ void rows_backward(const Rows& r, const T* dy, const T* x, T* dx, const double* 
     ws.sweeps.resize(std::size_t(slot * workers(device)));
   }
   const Streams<T, 2> s{{dy, x}, dx};
-  using P = Packet<T>;
-  constexpr Index L = kLanes<T>;
   auto run = [&](auto streaming) {
     constexpr bool kStream = decltype(streaming)::value;
     parallel_workers(device, blocks, [&](Index worker, Index b0, Index b1) {
@@ -236,29 +265,18 @@ void rows_backward(const Rows& r, const T* dy, const T* x, T* dx, const double* 
           const double center = kCenter == RowCenter::Mean ? mean[row] : 0.0;
           const double is = double(invstd[row]), m = double(W);
           const auto split = split_mean<T>(Partial{1, 0, 0, center});
+          // The sums before dx is written (it may be dy).
+          double ga, gb;
+          const T hi = split.high, scale = T(is), shift = T(-split.low * is);
           if (columns) {
-            // dw += dy * xhat, db += dy, before dx is written (it may be dy).
-            const P hi = ei::pset1<P>(split.high), scale = ei::pset1<P>(T(is)),
-                    shift = ei::pset1<P>(T(-split.low * is));
-            auto add = [&](Index d, const P& g, const P& v) {
-              const P xhat = ei::pmadd(ei::psub(v, hi), scale, shift);
-              ei::pstoreu(acc + d, ei::pmadd(g, xhat, ei::ploadu<P>(acc + d)));
-              ei::pstoreu(acc + W + d, ei::padd(g, ei::ploadu<P>(acc + W + d)));
-            };
-            Index d = 0;
-            for (; d + L <= W; d += L)
-              add(d, ei::ploadu<P>(dy + off + d), ei::ploadu<P>(x + off + d));
-            for (; d < W; ++d) {  // the tail, value by value: acc has no room past W
-              const T xhat = T((x[off + d] - split.high) * T(is) + T(-split.low * is));
-              acc[d] += dy[off + d] * xhat;
-              acc[W + d] += dy[off + d];
-            }
+            row_backward_sums<true>(dy + off, x + off, w, W, hi, scale, shift, acc, ga, gb);
             if ((row - first + 1) % kColumnRows == 0) flush(sums);
+          } else {
+            row_backward_sums<false>(dy + off, x + off, w, W, hi, scale, shift, acc, ga, gb);
           }
-          const Partial g = row_gradient_sums(dy + off, x + off, w, W, center);
-          const double slope = -is * is * is * g.b / m;
+          const double slope = -is * is * gb / m;
           const double k[] = {is, double(split.high), slope,
-                              (kCenter == RowCenter::Mean ? -is * g.a / m : 0.0) -
+                              (kCenter == RowCenter::Mean ? -is * ga / m : 0.0) -
                                   split.low * slope};
           apply_runs<RowInputGradOp, kStream, 1>(s, &off, W,
                                                  RowScalarCoefs<T, RowInputGradOp>(k, table));
