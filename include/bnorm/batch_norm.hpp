@@ -436,7 +436,8 @@ class BatchNorm
           {nullptr, saved_invstd_.data() + k * C}, update ? own : functional::Running<Param>{},
           ex, copy ? copy + off : nullptr, saved_mean_.data() + k * C, {},
           {fused.residual ? fused.residual + off : nullptr, fused.relu,
-           fused.positive ? fused.positive + off : nullptr});
+           fused.positive ? fused.positive + off : nullptr},
+          chunks);
       for (Index c = 0; c < C; ++c) {
         sums[std::size_t(c)] += saved_mean_[std::size_t(k * C + c)];
         sums[std::size_t(C + c)] += double(ghost_scratch_[std::size_t(C + c)]);
@@ -469,7 +470,8 @@ class BatchNorm
                                    functional::Statistics::Batch, saved_mean_.data() + k * C,
                                    saved_invstd_.data() + k * C, params_.weight_ptr(),
                                    gw ? ghost_scratch_.data() : nullptr,
-                                   gb ? ghost_scratch_.data() + C : nullptr, ex);
+                                   gb ? ghost_scratch_.data() + C : nullptr, ex,
+                                   saved_chunks_);
       for (Index c = 0; c < C; ++c) {
         if (gw) ghost_sums_[std::size_t(c)] += double(ghost_scratch_[std::size_t(c)]);
         if (gb) ghost_sums_[std::size_t(C + c)] += double(ghost_scratch_[std::size_t(C + c)]);

@@ -283,13 +283,15 @@ void local_moments(const Shape& shape, const S* x, Partial* out, const Execution
 }
 
 /// Step 3 of a training forward: x normalized with the moments `total` (C of them, over more
-/// than one value each), with what forward_training writes beside y.
+/// than one value each), with what forward_training writes beside y. `views`: how many calls
+/// like this one the caller makes in turn (Ghost BN's chunks), which the plan's streamed stores
+/// count (Traffic::views).
 template <class S, bool kFused = false>
 void forward_from_moments(const Shape& shape, const Partial* total, const S* x, S* y, double eps,
                           Affine<Param<S>> affine, BatchStats<Param<S>> stats,
                           Running<Param<S>> running, const Execution<Param<S>>& ex, S* copy_of_x,
                           double* mean_exact, Renormalize<Param<S>> renorm = {},
-                          Fused<S> fused = {}) {
+                          Fused<S> fused = {}, Index views = 1) {
   using namespace bnorm::detail;
   using T = Param<S>;
   check_shape(shape);
@@ -315,10 +317,11 @@ void forward_from_moments(const Shape& shape, const Partial* total, const S* x, 
     with_epilogue<NormalizeOp>(x, fused.residual, fused.relu, [&](auto op, const S* const* in) {
       using Op = decltype(op);
       apply_all<Op>(geometry(shape), streams<Op::kInputs>(in, y, copy_of_x, fused.positive), ws,
-                    ex.device);
+                    ex.device, views);
     });
   } else {
-    apply_all<NormalizeOp>(geometry(shape), Streams<S, 1>{{x}, y, copy_of_x}, ws, ex.device);
+    apply_all<NormalizeOp>(geometry(shape), Streams<S, 1>{{x}, y, copy_of_x}, ws, ex.device,
+                           views);
   }
 }
 
@@ -360,12 +363,12 @@ void backward_from_sums(const Shape& shape, const Partial* total, double count, 
 
 /// copy_of_x: receives a copy of x (the module keeps it for backward); mean_exact: receives
 /// the batch mean before rounding to T. Both may be null.
-/// kFused: compiled with the epilogues of `fused` (see forward_from_moments).
+/// kFused: compiled with the epilogues of `fused`; views: see forward_from_moments.
 template <class S, bool kFused = false>
 void forward_training(const Shape& shape, const S* x, S* y, double eps, Affine<Param<S>> affine,
                       BatchStats<Param<S>> stats, Running<Param<S>> running,
                       const Execution<Param<S>>& ex, S* copy_of_x, double* mean_exact,
-                      Renormalize<Param<S>> renorm = {}, Fused<S> fused = {}) {
+                      Renormalize<Param<S>> renorm = {}, Fused<S> fused = {}, Index views = 1) {
   using T = Param<S>;
   check_shape(shape);
   check_eps(eps);
@@ -385,7 +388,7 @@ void forward_training(const Shape& shape, const S* x, S* y, double eps, Affine<P
       ws.partials_out.resize(std::size_t(shape.channels));
       local_moments(shape, x, ws.partials_out.data(), ex);
       forward_from_moments<S, true>(shape, ws.partials_out.data(), x, y, eps, affine, stats,
-                                    running, ex, copy_of_x, mean_exact, renorm, fused);
+                                    running, ex, copy_of_x, mean_exact, renorm, fused, views);
       return;
     }
   }
@@ -393,7 +396,7 @@ void forward_training(const Shape& shape, const S* x, S* y, double eps, Affine<P
   bnorm::detail::reduce_then_apply<bnorm::detail::NormalizeOp, void>(
       geometry(shape), in, nullptr, bnorm::detail::merge_moments,
       TrainingFinish<T>{shape.channels, eps, affine, stats, running, mean_exact, renorm},
-      bnorm::detail::Streams<S, 1>{{x}, y, copy_of_x}, workspace(ex), ex.device);
+      bnorm::detail::Streams<S, 1>{{x}, y, copy_of_x}, workspace(ex), ex.device, 1, views);
 }
 /// invstd_out: receives 1 / sqrt(var + eps) per channel; may be null.
 template <class S, bool kFused = false>
@@ -454,11 +457,13 @@ void relu_gradient(Index n, const P* __restrict passed, const T* dy, T* out,
   });
 }
 
-/// backward with the mean in double (the module keeps the forward's unrounded mean).
+/// backward with the mean in double (the module keeps the forward's unrounded mean); views: see
+/// forward_from_moments.
 template <class S>
 void backward(const Shape& shape, const S* dy, const S* x, S* dx, Statistics kind,
               const double* mean, const Param<S>* invstd, const Param<S>* weight,
-              Param<S>* grad_weight, Param<S>* grad_bias, const Execution<Param<S>>& ex) {
+              Param<S>* grad_weight, Param<S>* grad_bias, const Execution<Param<S>>& ex,
+              Index views = 1) {
   using namespace bnorm::detail;
   using T = Param<S>;
   check_shape(shape);
@@ -492,7 +497,8 @@ void backward(const Shape& shape, const S* dy, const S* x, S* dx, Statistics kin
       input_grad_coefs(C, c0, n, sums, count, mean, invstd, weight, coef);
     };
     reduce_then_apply<InputGradOp, GradientSums>(g, in, mean, merge_sums, finish,
-                                                 Streams<S, 2>{{dy, x}, dx}, ws, ex.device);
+                                                 Streams<S, 2>{{dy, x}, dx}, ws, ex.device, 1,
+                                                 views);
     return;
   }
   // Frozen statistics: dx = dy * weight * invstd; the sums are only needed for the gradients.
@@ -506,12 +512,12 @@ void backward(const Shape& shape, const S* dy, const S* x, S* dx, Statistics kin
   const Streams<S, 1> s{{dy}, dx};
   if (grad_weight || grad_bias) {
     reduce_then_apply<ScaleShiftOp, GradientSums>(g, in, mean, merge_sums, finish, s, ws,
-                                                  ex.device);
+                                                  ex.device, 1, views);
     return;
   }
   ws.coefs.resize(std::size_t(ScaleShiftOp::kCoefs * C));
   finish(0, C, nullptr, ws.coefs.data());
-  apply_all<ScaleShiftOp>(g, s, ws, ex.device);
+  apply_all<ScaleShiftOp>(g, s, ws, ex.device, views);
 }
 
 }  // namespace detail

@@ -24,11 +24,11 @@
   BNORM_DETAIL_INSTANCE void functional::detail::forward_training<T, false>(                      \
       const functional::Shape&, const T*, T*, double, functional::Affine<T>,                     \
       functional::BatchStats<T>, functional::Running<T>, const functional::Execution<T>&, T*,    \
-      double*, functional::detail::Renormalize<T>, functional::Fused<T>);                        \
+      double*, functional::detail::Renormalize<T>, functional::Fused<T>, functional::Index);     \
   BNORM_DETAIL_INSTANCE void functional::detail::forward_training<T, true>(                       \
       const functional::Shape&, const T*, T*, double, functional::Affine<T>,                     \
       functional::BatchStats<T>, functional::Running<T>, const functional::Execution<T>&, T*,    \
-      double*, functional::detail::Renormalize<T>, functional::Fused<T>);                        \
+      double*, functional::detail::Renormalize<T>, functional::Fused<T>, functional::Index);     \
   BNORM_DETAIL_INSTANCE void functional::detail::forward_inference<T, false>(                     \
       const functional::Shape&, const T*, T*, double, functional::Affine<T>, const T*, const T*, \
       const functional::Execution<T>&, T*, T*, functional::Fused<T>);                            \
@@ -39,12 +39,12 @@
       const functional::Shape&, const detail::Partial*, const T*, T*, double,                    \
       functional::Affine<T>, functional::BatchStats<T>, functional::Running<T>,                  \
       const functional::Execution<T>&, T*, double*, functional::detail::Renormalize<T>,          \
-      functional::Fused<T>);                                                                      \
+      functional::Fused<T>, functional::Index);                                                   \
   BNORM_DETAIL_INSTANCE void functional::detail::forward_from_moments<T, true>(                   \
       const functional::Shape&, const detail::Partial*, const T*, T*, double,                    \
       functional::Affine<T>, functional::BatchStats<T>, functional::Running<T>,                  \
       const functional::Execution<T>&, T*, double*, functional::detail::Renormalize<T>,          \
-      functional::Fused<T>);                                                                      \
+      functional::Fused<T>, functional::Index);                                                   \
   BNORM_DETAIL_INSTANCE void functional::detail::local_moments<T>(                                \
       const functional::Shape&, const T*, detail::Partial*, const functional::Execution<T>&);    \
   BNORM_DETAIL_INSTANCE void functional::detail::local_gradient_sums<T>(                          \
@@ -55,7 +55,7 @@
       const double*, const T*, const T*, const functional::Execution<T>&);                       \
   BNORM_DETAIL_INSTANCE void functional::detail::backward<T>(                                     \
       const functional::Shape&, const T*, const T*, T*, functional::Statistics, const double*,   \
-      const T*, const T*, T*, T*, const functional::Execution<T>&);                              \
+      const T*, const T*, T*, T*, const functional::Execution<T>&, functional::Index);           \
   BNORM_DETAIL_INSTANCE void functional::detail::group_norm_forward<T>(                           \
       const functional::Shape&, functional::Index, const T*, T*, double, functional::Affine<T>,  \
       functional::BatchStats<T>, const functional::Execution<T>&, T*, double*);                  \

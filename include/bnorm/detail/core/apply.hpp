@@ -355,11 +355,11 @@ void apply_all(const Plan& p, const Streams<S, Op::kInputs>& s, Workspace<Comput
   }
 }
 
-/// Step 3 alone (inference), planned here.
+/// Step 3 alone (inference), planned here; `views` as in Traffic.
 template <class Op, class S>
 void apply_all(const Geometry& g, const Streams<S, Op::kInputs>& s, Workspace<Compute<S>>& ws,
-               const Eigen::ThreadPoolDevice* device) {
-  const Traffic traffic{0, Op::kInputs, s.copy != nullptr};
+               const Eigen::ThreadPoolDevice* device, Index views = 1) {
+  const Traffic traffic{0, Op::kInputs, s.copy != nullptr, views};
   apply_all<Op>(make_plan<S>(g, traffic, workers(device)), s, ws, device);
 }
 
