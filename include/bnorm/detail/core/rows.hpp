@@ -73,7 +73,10 @@ void row_backward_sums(const T* dy, const T* x, const T* w, Index W, T hi, T sca
       step(d, 0);
       step(d + L, 1);
     }
-    if (d + L <= i1) step(d, 0), d += L;
+    if (d + L <= i1) {
+      step(d, 0);
+      d += L;
+    }
     T ta = 0, tb = 0;
     for (; d < i1; ++d) {  // the tail, value by value: acc has no room past W
       const T xhat = xhat_of(x[d]);
