@@ -289,3 +289,52 @@ TEMPLATE_TEST_CASE("storage: the kernels on 16-bit data give the float kernels' 
     }
   }
 }
+
+TEMPLATE_TEST_CASE("storage: outputs and the copy of x are the same wherever their buffers lie "
+                   "against a cache line",
+                   "[storage]", float, Eigen::bfloat16, Eigen::half) {
+  // Where a line takes two packets, the elementwise pass stores them together from a line's
+  // start, and a packet alone plainly: buffers at every offset from a line, the output's and the
+  // copy's apart, take every way in.
+  using S = TestType;
+  const double eps = 1e-5;
+  constexpr Index kLineValues = 64 / Index(sizeof(S));
+  testing::Pool pool(0);
+  fn::Execution<float> ex{pool.device.get()};
+  for (const Shape& sh : {Shape{3, 5, 272, kFirst}, Shape{4, 3, 1001, kFirst},
+                          Shape{150, 70, 15, kFirst}, Shape{40, 48, 1, kLast},
+                          Shape{9, 1030, 1, kLast}}) {
+    const fn::Shape shape = functional_shape(sh);
+    const Index C = sh.channels, N = sh.size();
+    const std::vector<S> x = narrowed<S>(testing::random_input<float>(sh, 4.0));
+    const auto w = testing::random_vector<float>(C, 0.5, 2.0);
+    const auto b = testing::random_vector<float>(C, -1.0, 1.0);
+    std::vector<S> y0(static_cast<std::size_t>(N));
+    fn::forward_training<S>(shape, x.data(), y0.data(), eps, {w.data(), b.data()}, {}, {}, ex);
+    // One buffer each, 64-byte aligned, so that an offset in values is an offset from a line.
+    const S poison(std::numeric_limits<float>::quiet_NaN());
+    std::vector<S> ybuf(std::size_t(N + 2 * kLineValues)), cbuf(ybuf.size());
+    auto line_start = [](S* p) {
+      const auto a = reinterpret_cast<std::uintptr_t>(p);
+      return p + Index((64 - a % 64) % 64) / Index(sizeof(S));
+    };
+    for (Index yo : {Index(0), kLineValues / 2, kLineValues / 4, Index(1)}) {
+      for (Index co : {Index(0), kLineValues / 2, kLineValues / 4 + 1}) {
+        INFO("shape " << sh.batch << " x " << C << " x " << sh.spatial << ", layout "
+                      << int(sh.layout) << ", y at " << yo << ", copy at " << co
+                      << " values from a line");
+        std::fill(ybuf.begin(), ybuf.end(), poison);
+        std::fill(cbuf.begin(), cbuf.end(), poison);
+        S* y = line_start(ybuf.data()) + yo;
+        S* copy = line_start(cbuf.data()) + co;
+        fn::detail::forward_training<S>(shape, x.data(), y, eps, {w.data(), b.data()}, {}, {}, ex,
+                                        copy, nullptr);
+        for (Index i = 0; i < N; ++i) {
+          INFO("value " << i);
+          REQUIRE(same(y[i], y0[std::size_t(i)]));
+          REQUIRE(same(copy[i], x[std::size_t(i)]));
+        }
+      }
+    }
+  }
+}

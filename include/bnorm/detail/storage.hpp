@@ -198,6 +198,36 @@ inline void stream_store(S* p, const Packet<Compute<S>>& v) {
   }
 }
 
+/// Packets of Compute<S> that one streamed line takes: 2 where a packet fills half of a 64-byte
+/// line (float and double at AVX, 16-bit types at AVX-512), else 1. The elementwise pass holds the
+/// first packet of such a line until the second is computed and streams both together
+/// (stream_store_line), so that no other stream's store comes between the halves of a line.
+template <class S>
+inline constexpr int kLinePackets =
+#if defined(EIGEN_VECTORIZE_AVX512)
+    kNarrowPackets<S> ? 2 : 1;
+#elif defined(EIGEN_VECTORIZE_AVX)
+    kNarrow<S> ? 1 : 2;
+#else
+    1;
+#endif
+
+/// Streams lo and, after it, hi: the kLinePackets == 2 packets of one line, at p aligned to
+/// the line.
+template <class S>
+inline void stream_store_line(S* p, const Packet<Compute<S>>& lo, const Packet<Compute<S>>& hi) {
+  static_assert(kLinePackets<S> == 2, "a line of one packet is one stream_store");
+#if defined(EIGEN_VECTORIZE_AVX512)
+  if constexpr (kNarrowPackets<S>) {
+    const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(narrow<S>(lo)), narrow<S>(hi), 1);
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), both);
+    return;
+  }
+#endif
+  stream_store(p, lo);
+  stream_store(p + kLanes<Compute<S>>, hi);
+}
+
 /// A value of S in Compute<S>.
 template <class S>
 inline Compute<S> computed(const S& v) {

@@ -60,20 +60,29 @@ void split_in(int parts, Index first, Index count, Fn fn) {
 }
 
 /// Op over elements [0, n) of K runs at off[0..K), which share their coefficients (the same
-/// sequence of them from the start of each run), side by side. With kStream, packets are
-/// stored non-temporally at aligned addresses; runs whose alignments differ go one by one, as do
-/// runs with an output that trails an input closely (see kAliasBytes), loaded kAhead packets
-/// ahead.
+/// sequence of them from the start of each run), side by side. With kStream, whole lines are
+/// stored non-temporally (a packet, or two where a line takes two, kLinePackets); runs whose
+/// alignments differ go one by one, as do runs with an output that trails an input closely (see
+/// kAliasBytes), loaded kAhead packets ahead.
 template <class Op, bool kStream, int K, int kAhead = 0, class S, class Coefs>
 void apply_runs(const Streams<S, Op::kInputs>& s, const Index* off, Index n, Coefs k) {
   using T = Compute<S>;
   using P = Packet<T>;
   constexpr Index L = kLanes<T>;
   constexpr auto kBytes = std::uintptr_t(kPacketBytes<S>);
-  auto misalignment = [](const S* p) { return reinterpret_cast<std::uintptr_t>(p) % kBytes; };
+  // Where a line takes two packets, whole packets go two at a time from the start of a line:
+  // one streamed store of the line, and half the loop's steps.
+  constexpr bool kPairs = kLinePackets<S> == 2 && kAhead == 0;
+  constexpr auto kLine = 2 * kBytes;
+  // What the runs (and the copy) must share their misalignment modulo, to be walked together.
+  constexpr auto kStoreUnit = kPairs && kStream ? kLine : kBytes;
+  auto misalignment = [](const S* p, std::uintptr_t unit) {
+    return reinterpret_cast<std::uintptr_t>(p) % unit;
+  };
   for (int r = 1; r < K; ++r) {
-    if (misalignment(s.out + off[r]) != misalignment(s.out + off[0]) ||
-        (s.copy && misalignment(s.copy + off[r]) != misalignment(s.copy + off[0]))) {
+    if (misalignment(s.out + off[r], kStoreUnit) != misalignment(s.out + off[0], kStoreUnit) ||
+        (s.copy && misalignment(s.copy + off[r], kStoreUnit) !=
+                       misalignment(s.copy + off[0], kStoreUnit))) {
       for (int j = 0; j < K; ++j) apply_runs<Op, kStream, 1, kAhead>(s, off + j, n, k);
       return;
     }
@@ -107,17 +116,28 @@ void apply_runs(const Streams<S, Op::kInputs>& s, const Index* off, Index n, Coe
   // With kAhead, ahead[a][r] holds run r's inputs of the whole packet a packets after the next
   // one to apply (ahead[0]: that one), in registers: their indices are constants.
   P ahead[std::size_t(std::max(kAhead, 1))][std::size_t(K)][std::size_t(Op::kInputs)];
-  // Elements [i, i + count) of every run: one whole packet, or the first count < L of one;
-  // its coefficients are t packets on from k's position.
-  auto packets = [&](Index i, Index t, Index count, auto whole, bool stream, bool stream_copy) {
-    P kp[Op::kCoefs];
-    unroll<Op::kCoefs>([&](int j) { kp[j] = k.packet(j, t); });
+  // Elements [i, i + count) of every run: W whole packets (1, or 2 from a line's start), or
+  // (W = 0) the first count < L of one. Their coefficients are t packets on from k's position.
+  auto packets = [&](Index i, Index t, Index count, auto packets_tag, bool stream,
+                     bool stream_copy) {
+    constexpr int W = decltype(packets_tag)::value;
+    P kp[std::size_t(std::max(W, 1))][Op::kCoefs];
+    unroll<std::max(W, 1)>([&](int w) {
+      unroll<Op::kCoefs>([&](int j) { kp[w][j] = k.packet(j, t + w); });
+    });
     unroll<K>([&](int r) {
-      P v[Op::kInputs];
-      if constexpr (decltype(whole)::value) {
+      if constexpr (W == 0) {
+        P v[Op::kInputs];
+        unroll<Op::kInputs>([&](int j) { v[j] = load_first(in[r][j] + i, count); });
+        const P y = Op::apply(v, kp[0]);
+        store_first(out[r] + i, y, count);
+        if (copy[r]) store_first(copy[r] + i, v[0], count);
+        if (positive[r]) store_positive<T>(positive[r] + i, y, count);
+      } else {
+        P v[std::size_t(W)][std::size_t(Op::kInputs)], y[std::size_t(W)];
         if constexpr (kAhead > 0) {
           unroll<Op::kInputs>([&](int j) {
-            v[j] = ahead[0][r][j];
+            v[0][j] = ahead[0][r][j];
             unroll<kAhead - 1>([&](int a) { ahead[a][r][j] = ahead[a + 1][r][j]; });
           });
           if (i + (kAhead + 1) * L <= n)  // before this packet's stores
@@ -125,35 +145,43 @@ void apply_runs(const Streams<S, Op::kInputs>& s, const Index* off, Index n, Coe
               ahead[kAhead - 1][r][j] = load(in[r][j] + i + kAhead * L);
             });
         } else {
-          unroll<Op::kInputs>([&](int j) { v[j] = load(in[r][j] + i); });
+          unroll<W>([&](int w) {
+            unroll<Op::kInputs>([&](int j) { v[w][j] = load(in[r][j] + i + w * L); });
+          });
         }
-        const P y = Op::apply(v, kp);
-        if (kStream && stream) stream_store(out[r] + i, y);
-        else store(out[r] + i, y);
-        if (kStream && stream_copy) stream_store(copy[r] + i, v[0]);
-        else if (copy[r]) store(copy[r] + i, v[0]);
-        if (positive[r]) store_positive<T>(positive[r] + i, y);
-      } else {
-        unroll<Op::kInputs>([&](int j) { v[j] = load_first(in[r][j] + i, count); });
-        const P y = Op::apply(v, kp);
-        store_first(out[r] + i, y, count);
-        if (copy[r]) store_first(copy[r] + i, v[0], count);
-        if (positive[r]) store_positive<T>(positive[r] + i, y, count);
+        unroll<W>([&](int w) { y[w] = Op::apply(v[w], kp[w]); });
+        if constexpr (W == 2) {
+          if (kStream && stream) stream_store_line(out[r] + i, y[0], y[1]);
+          else unroll<W>([&](int w) { store(out[r] + i + w * L, y[w]); });
+          if (kStream && stream_copy) stream_store_line(copy[r] + i, v[0][0], v[1][0]);
+          else if (copy[r]) unroll<W>([&](int w) { store(copy[r] + i + w * L, v[w][0]); });
+        } else {
+          if (kStream && stream) stream_store(out[r] + i, y[0]);
+          else store(out[r] + i, y[0]);
+          if (kStream && stream_copy) stream_store(copy[r] + i, v[0][0]);
+          else if (copy[r]) store(copy[r] + i, v[0][0]);
+        }
+        if (positive[r])
+          unroll<W>([&](int w) { store_positive<T>(positive[r] + i + w * L, y[w]); });
       }
     });
   };
+  using Part = std::integral_constant<int, 0>;
+  using One = std::integral_constant<int, 1>;
+  using Two = std::integral_constant<int, 2>;
   // The first packet is cut short where that aligns the stores that follow (and the loads, where
   // inputs and output are equally misaligned, as buffers from one allocator are): a packet
   // across two cache lines costs two accesses.
   Index i = 0;
   bool stream = false, stream_copy = false;
-  const auto m = misalignment(out[0]);
+  const auto m = misalignment(out[0], kBytes);
   if (m % sizeof(S) == 0 && (kCutsFirstPacket<Coefs> || m == 0)) {  // else misaligned packets
     i = std::min(n, Index((kBytes - m) % kBytes / sizeof(S)));
-    if (i > 0) packets(0, 0, i, std::false_type{}, false, false);
+    if (i > 0) packets(0, 0, i, Part{}, false, false);
     k.next(i);
     stream = kStream;
-    stream_copy = kStream && copy[0] && misalignment(copy[0] + i) == 0;
+    stream_copy = kStream && copy[0] &&
+                  misalignment(copy[0] + i, kStoreUnit) == misalignment(out[0] + i, kStoreUnit);
   }
   if constexpr (kAhead > 0)
     unroll<kAhead>([&](int a) {
@@ -162,16 +190,27 @@ void apply_runs(const Streams<S, Op::kInputs>& s, const Index* off, Index n, Coe
           unroll<Op::kInputs>([&](int j) { ahead[a][r][j] = load(in[r][j] + i + a * L); });
         });
     });
+  // A packet alone, where a line takes two, has half a line: stored plainly.
+  const bool single_streams = stream && !kPairs, single_streams_copy = stream_copy && !kPairs;
   // Stretches of whole packets up to where the coefficients wrap around.
   while (i + L <= n) {
     const Index stretch = std::min((n - i) / L, k.span());
     assert(stretch > 0 && "a packet straddles two channels' coefficients");
-    for (Index t = 0; t < stretch; ++t)
-      packets(i + t * L, t, L, std::true_type{}, stream, stream_copy);
+    Index t = 0;
+    if constexpr (kPairs) {
+      if (misalignment(out[0] + i, kLine) != 0) {
+        packets(i, 0, L, One{}, false, false);
+        t = 1;
+      }
+      for (; t + 2 <= stretch; t += 2)
+        packets(i + t * L, t, 2 * L, Two{}, stream, stream_copy);
+    }
+    for (; t < stretch; ++t)
+      packets(i + t * L, t, L, One{}, single_streams, single_streams_copy);
     i += stretch * L;
     k.next(stretch * L);
   }
-  if (i < n) packets(i, 0, n - i, std::false_type{}, false, false);
+  if (i < n) packets(i, 0, n - i, Part{}, false, false);
 }
 
 /// ALONG: rows [o0, o1) of channels [c0, c1), in `parts` parts side by side.

@@ -54,13 +54,14 @@ inline int apply_parts(const Geometry& g, int tensors, std::size_t element_bytes
 /// in seven eighths of their share of the last-level cache (the rest holds code, tables and
 /// other processes' lines): the cache's bandwidth grows with the threads, memory's much less.
 /// Tuning::stream_by_size_alone makes the size alone decide, whatever the threads. Only stores
-/// of whole cache lines stream (see Tuning::line_bytes): packets of `packet_bytes` at least.
+/// of whole cache lines stream (see Tuning::line_bytes): `store_bytes`, what the pass streams
+/// at once (a packet, or the packets of a line, kLinePackets), must fill one.
 inline bool streams_output(const Geometry& g, int tensors, std::size_t element_bytes,
-                           Index packet_bytes, Index workers, const Tuning& machine) {
+                           Index store_bytes, Index workers, const Tuning& machine) {
   const Index bytes = g.size() * Index(element_bytes);
   const bool by_threads = machine.stream_by_size_alone || workers == 1 ||
                           bytes * tensors > machine.cache_share(workers) / 8 * 7;
-  return packet_bytes >= machine.line_bytes && bytes >= machine.stream_bytes && by_threads;
+  return store_bytes >= machine.line_bytes && bytes >= machine.stream_bytes && by_threads;
 }
 
 /// ALONG, one worker: how many channels it takes at a time, so that their inputs stay in cache
@@ -173,7 +174,8 @@ Plan make_plan(const Geometry& whole, const Traffic& traffic, Index workers,
   const int tensors = traffic.apply_inputs + 1 + (traffic.copy ? 1 : 0);
   if (traffic.reduce_inputs == 0) p.reduction = Reduction::None;
   const Geometry call{whole.outer * std::max<Index>(1, traffic.views), whole.channels, whole.inner};
-  p.stream = streams_output(call, tensors, sizeof(S), kPacketBytes<S>, p.workers, machine);
+  p.stream = streams_output(call, tensors, sizeof(S), kLinePackets<S> * kPacketBytes<S>,
+                            p.workers, machine);
   p.parts = apply_parts(g, traffic.apply_inputs + 1, sizeof(S), machine);
   return p;
 }
