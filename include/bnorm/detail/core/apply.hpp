@@ -190,8 +190,10 @@ void apply_runs(const Streams<S, Op::kInputs>& s, const Index* off, Index n, Coe
           unroll<Op::kInputs>([&](int j) { ahead[a][r][j] = load(in[r][j] + i + a * L); });
         });
     });
-  // A packet alone, where a line takes two, has half a line: stored plainly.
-  const bool single_streams = stream && !kPairs, single_streams_copy = stream_copy && !kPairs;
+  // A packet alone, where a line takes two (or where kAhead walks packet by packet), has half a
+  // line: stored plainly.
+  const bool single_streams = stream && kLinePackets<S> == 1,
+             single_streams_copy = stream_copy && kLinePackets<S> == 1;
   // Stretches of whole packets up to where the coefficients wrap around.
   while (i + L <= n) {
     const Index stretch = std::min((n - i) / L, k.span());
